@@ -1,0 +1,1 @@
+"""The control node: fixed-rate serving, wire protocol, safety, logging, and the ddpg command."""

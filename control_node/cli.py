@@ -1,0 +1,59 @@
+"""The ``ddpg`` command: a thin dispatcher over the packages' own command modules.
+
+Each subcommand lives in the package that owns it and is imported only when it runs, so
+``ddpg serve`` never pays for (or imports) torch. A command module provides
+``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("training.cli", "train DDPG on a Gymnasium environment from state"),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem (the usage is in --help)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _top_help() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: ddpg COMMAND [options]   (ddpg COMMAND --help for each)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_help())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(
+            f"ddpg: error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
+        return 2
+    module_name, summary = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = OneLineParser(
+        prog=f"ddpg {name}",
+        description=summary,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Network definitions, ONNX export, and the torch-free runtime policy."""

@@ -1,0 +1,135 @@
+"""Actor and critic networks for DDPG from low-dimensional state.
+
+The actor returns actions in the environment's own units: its tanh output is scaled by
+``action_scale`` and shifted by ``action_bias``, both registered buffers, so an exported graph
+carries them and nobody downstream has to rescale. Training code works with
+:meth:`Actor.normalized` (the tanh output in [-1, 1]) so the critic sees well-conditioned inputs
+whatever the bounds.
+
+The critic is an ensemble of ``n_q`` Q-networks (1 for DDPG, 2 for clipped double Q) evaluated
+with batched matrix multiplies, so the twin critic costs about the same number of kernel launches
+as a single one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _uniform_final(layer_weight: torch.Tensor, layer_bias: torch.Tensor, bound: float) -> None:
+    """The paper's final-layer initialisation: weights and biases from U(-bound, bound)."""
+    nn.init.uniform_(layer_weight, -bound, bound)
+    nn.init.uniform_(layer_bias, -bound, bound)
+
+
+class Actor(nn.Module):
+    """Deterministic policy ``mu(s)``: MLP with ReLU hidden layers and a tanh output.
+
+    ``obs_norm`` adds a batch-normalisation layer on the state input (the paper's choice); in
+    eval mode it is a fixed affine map, exported with the rest of the graph.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_low: Sequence[float] | torch.Tensor,
+        act_high: Sequence[float] | torch.Tensor,
+        hidden: Sequence[int] = (256, 256),
+        obs_norm: bool = False,
+        final_init: float | None = None,
+    ) -> None:
+        super().__init__()
+        low = torch.as_tensor(act_low, dtype=torch.float32)
+        high = torch.as_tensor(act_high, dtype=torch.float32)
+        if low.shape != high.shape or low.ndim != 1:
+            raise ValueError(
+                f"action bounds must be 1-D and equal in shape, got {low.shape}, {high.shape}"
+            )
+        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+            raise ValueError("action bounds must be finite for a tanh policy")
+        self.obs_dim = obs_dim
+        self.act_dim = int(low.numel())
+        self.register_buffer("action_scale", (high - low) / 2.0)
+        self.register_buffer("action_bias", (high + low) / 2.0)
+        self.obs_norm = nn.BatchNorm1d(obs_dim) if obs_norm else nn.Identity()
+        layers: list[nn.Module] = []
+        width = obs_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, self.act_dim)
+        if final_init is not None:
+            _uniform_final(self.head.weight, self.head.bias, final_init)
+
+    def normalized(self, obs: torch.Tensor) -> torch.Tensor:
+        """The policy's action in [-1, 1]."""
+        return torch.tanh(self.head(self.body(self.obs_norm(obs))))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """The policy's action in the environment's units."""
+        return self.normalized(obs) * self.action_scale + self.action_bias
+
+
+class EnsembleLinear(nn.Module):
+    """``n`` independent linear layers applied in one batched matmul: ``[n, B, in] -> [n, B, out]``."""
+
+    def __init__(self, n: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features))
+        # Same distribution as nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class Critic(nn.Module):
+    """``n_q`` Q-networks ``Q(s, a)``; returns ``[n_q, B]``.
+
+    ``action_layer`` is the hidden layer the action joins: 0 concatenates it with the state at
+    the input (TD3), 1 after the first hidden layer (the paper: "actions were not included until
+    the 2nd hidden layer of Q").
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden: Sequence[int] = (256, 256),
+        n_q: int = 1,
+        action_layer: int = 0,
+        obs_norm: bool = False,
+        final_init: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= action_layer < len(hidden):
+            raise ValueError(f"action_layer must be in [0, {len(hidden) - 1}], got {action_layer}")
+        self.n_q = n_q
+        self.action_layer = action_layer
+        self.obs_norm = nn.BatchNorm1d(obs_dim) if obs_norm else nn.Identity()
+        self.layers = nn.ModuleList()
+        width = obs_dim
+        for i, h in enumerate(hidden):
+            extra = act_dim if i == action_layer else 0
+            self.layers.append(EnsembleLinear(n_q, width + extra, h))
+            width = h
+        self.head = EnsembleLinear(n_q, width, 1)
+        if final_init is not None:
+            _uniform_final(self.head.weight, self.head.bias, final_init)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        x = self.obs_norm(obs).expand(self.n_q, *obs.shape)
+        a = action.expand(self.n_q, *action.shape)
+        for i, layer in enumerate(self.layers):
+            if i == self.action_layer:
+                x = torch.cat([x, a], dim=-1)
+            x = torch.relu(layer(x))
+        return self.head(x).squeeze(-1)

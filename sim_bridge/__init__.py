@@ -1,0 +1,1 @@
+"""Gymnasium/MuJoCo environments as a robot: environment checks, pacing, pixels, the bridge."""

@@ -1,0 +1,150 @@
+"""The DDPG learner: networks, targets, optimisers and one gradient update.
+
+``update(batch) -> metrics`` is separate from the rollout so it can be tested and compiled on its
+own. With ``twin_q``, ``policy_noise`` and ``policy_delay`` it is TD3; with one critic, no
+smoothing and delay 1 it is the paper's DDPG. Metrics come back as tensors: reading them forces
+a host synchronisation, so the trainer does that only when it logs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.networks import Actor, Critic
+from training.config import TrainConfig
+from training.replay import Batch
+
+
+def _adam(
+    params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.Adam:
+    # One fused kernel per step for all parameters instead of a handful of ops per tensor.
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def _float_state(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters and floating-point buffers (batch-norm running statistics), in a fixed order."""
+    tensors = list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
+    return [t.data for t in tensors]
+
+
+class DDPGAgent:
+    """Actor-critic pair with target networks; ``update`` performs one gradient step."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        obs_dim: int,
+        act_low: np.ndarray,
+        act_high: np.ndarray,
+        device: torch.device,
+    ) -> None:
+        self.cfg = cfg
+        self.device = device
+        final = cfg.final_init or None
+        self.actor = Actor(
+            obs_dim, act_low, act_high, cfg.actor_hidden, obs_norm=cfg.batch_norm, final_init=final
+        ).to(device)
+        self.critic = Critic(
+            obs_dim,
+            self.actor.act_dim,
+            cfg.critic_hidden,
+            n_q=2 if cfg.twin_q else 1,
+            action_layer=cfg.critic_action_layer,
+            obs_norm=cfg.batch_norm,
+            final_init=final,
+        ).to(device)
+        self.actor_target = copy.deepcopy(self.actor).eval()
+        self.critic_target = copy.deepcopy(self.critic).eval()
+        for p in (*self.actor_target.parameters(), *self.critic_target.parameters()):
+            p.requires_grad_(False)
+        self.actor_params = list(self.actor.parameters())
+        self.critic_params = list(self.critic.parameters())
+        self.actor_opt = _adam(self.actor_params, cfg.actor_lr, 0.0, device)
+        self.critic_opt = _adam(self.critic_params, cfg.critic_lr, cfg.critic_l2, device)
+        self._soft_pairs = (
+            _float_state(self.actor_target) + _float_state(self.critic_target),
+            _float_state(self.actor) + _float_state(self.critic),
+        )
+        self.updates = 0
+        self._actor_loss = torch.zeros((), device=device)
+        self._critic_step = self._critic_loss
+        self._actor_step = self._actor_loss_fn
+        if cfg.compile:
+            self._critic_step = torch.compile(self._critic_loss)
+            self._actor_step = torch.compile(self._actor_loss_fn)
+
+    # -- acting -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Deterministic action in environment units for one observation (eval mode)."""
+        self.actor.eval()
+        x = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
+        action = self.actor(x)[0].cpu().numpy()
+        self.actor.train()
+        return action
+
+    # -- learning -----------------------------------------------------------------------------
+    def _critic_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        action = (batch.action - self.actor.action_bias) / self.actor.action_scale
+        with torch.no_grad():
+            next_action = self.actor_target.normalized(batch.next_obs)
+            if cfg.policy_noise > 0:
+                noise = (torch.randn_like(next_action) * cfg.policy_noise).clamp(
+                    -cfg.noise_clip, cfg.noise_clip
+                )
+                next_action = (next_action + noise).clamp(-1.0, 1.0)
+            next_q = self.critic_target(batch.next_obs, next_action).min(dim=0).values
+            target = batch.reward + cfg.gamma * (1.0 - batch.terminated) * next_q
+        q = self.critic(batch.obs, action)
+        loss = (q - target).pow(2).mean(dim=1).sum()
+        return loss, q[0].mean().detach()
+
+    def _actor_loss_fn(self, obs: torch.Tensor) -> torch.Tensor:
+        return -self.critic(obs, self.actor.normalized(obs))[0].mean()
+
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One critic step; every ``policy_delay`` critic steps also an actor step and a soft
+        update of both targets. Returns detached scalar tensors."""
+        critic_loss, q_mean = self._critic_step(batch)
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_opt.step()
+        self.updates += 1
+        if self.updates % self.cfg.policy_delay == 0:
+            actor_loss = self._actor_step(batch.obs)
+            # Gradients for the actor only: the critic's weight gradients are never computed.
+            grads = torch.autograd.grad(actor_loss, self.actor_params)
+            for p, g in zip(self.actor_params, grads, strict=True):
+                p.grad = g
+            self.actor_opt.step()
+            self._actor_loss = actor_loss.detach()
+            torch._foreach_lerp_(self._soft_pairs[0], self._soft_pairs[1], self.cfg.tau)
+        return {"critic_loss": critic_loss.detach(), "actor_loss": self._actor_loss, "q": q_mean}
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "actor_target": self.actor_target.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "actor_opt": self.actor_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.actor_target.load_state_dict(state["actor_target"])
+        self.critic_target.load_state_dict(state["critic_target"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.updates = int(state["updates"])

@@ -1,0 +1,49 @@
+"""Deterministic evaluation of a policy: no noise, fixed seeds, a fresh environment.
+
+Torch-free on purpose: the trainer passes its torch actor wrapped as a numpy function, and
+``ddpg eval`` passes an onnxruntime policy, so both give the same returns on the same seeds.
+Episode ``i`` starts from ``env.reset(seed=seed + i)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+
+Policy = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class EvalResult:
+    returns: list[float] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.returns)) if self.returns else float("nan")
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.returns)) if self.returns else float("nan")
+
+
+def evaluate(policy: Policy, env: gym.Env, episodes: int, seed: int) -> EvalResult:
+    """Run ``episodes`` full episodes with ``policy(obs) -> action``; actions are clipped to the
+    action space (the trainer's actor never leaves it; a foreign policy might)."""
+    low, high = env.action_space.low, env.action_space.high
+    result = EvalResult()
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        total, length, done = 0.0, 0, False
+        while not done:
+            action = np.clip(policy(np.asarray(obs, dtype=np.float32)), low, high)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            length += 1
+            done = terminated or truncated
+        result.returns.append(total)
+        result.lengths.append(length)
+    return result
