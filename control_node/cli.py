@@ -14,6 +14,8 @@ import sys
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli", "train DDPG on a Gymnasium environment from state"),
+    "export": ("training.export_cli", "export a run's actor to ONNX (checked for parity)"),
+    "eval": ("training.eval_cli", "run an ONNX actor in the simulator and report returns"),
 }
 
 

@@ -1,0 +1,178 @@
+"""Export an :class:`~models.networks.Actor` to ONNX as the whole deterministic policy.
+
+The graph takes the raw observation (``obs``, float32, dynamic batch) and returns the action in
+the environment's units (``action``): batch-norm observation normalisation, the MLP, tanh and the
+scaling to the Box bounds are all inside it, so no caller has to post-process. The export is
+refused, and nothing is written, unless the ONNX model matches the torch actor on the probe
+observations to ``tolerance`` and passes the same checks the runtime policy makes when it loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from models.networks import Actor
+from models.policy import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ActorMetadata,
+    OnnxPolicy,
+    PolicyError,
+    probe_observations,
+    weights_hash,
+)
+
+OPSET = 18
+"""ONNX opset of exported actors (the torch.export-based exporter's own minimum; onnxruntime and
+TensorRT have supported it for years)."""
+PARITY_PROBES = 1024
+PARITY_TOLERANCE = 1e-5
+
+
+class ExportError(ValueError):
+    """The actor cannot be exported, or the exported graph does not match it."""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    path: Path
+    model_id: str
+    max_abs_diff: float
+    probes: int
+    nodes: list[str]
+    size_bytes: int
+
+
+def _to_onnx(actor: Actor) -> onnx.ModelProto:
+    """torch.onnx (dynamo exporter; needs onnxscript) with a dynamic batch dimension."""
+    example = torch.zeros(2, actor.obs_dim)
+    quiet = io.StringIO()
+    # The exporter logs and prints progress and warnings (torchvision ops missing, deprecations).
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(quiet),
+        contextlib.redirect_stderr(quiet),
+    ):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            actor,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"obs": {0: torch.export.Dim("batch")}},
+            verbose=False,
+        )
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    model = program.model_proto
+    # Drop exporter bookkeeping (node names, stack traces): a small graph that diffs cleanly.
+    for value in (*model.graph.input, *model.graph.output):
+        del value.metadata_props[:]
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.metadata_props[:]
+    return model
+
+
+def actor_metadata(actor: Actor, model_id: str, **fields: Any) -> ActorMetadata:
+    """Metadata for ``actor``: shapes, dtypes and action bounds from the module; the rest
+    (env_id, obs_low/obs_high, preset, run_name, train_steps, seed, eval_seed) from ``fields``."""
+    scale = actor.action_scale.detach().cpu().numpy().astype(np.float32)
+    bias = actor.action_bias.detach().cpu().numpy().astype(np.float32)
+    obs_low = np.asarray(fields.pop("obs_low", [-np.inf] * actor.obs_dim), dtype=np.float32)
+    obs_high = np.asarray(fields.pop("obs_high", [np.inf] * actor.obs_dim), dtype=np.float32)
+    act_low = np.asarray(fields.pop("act_low", bias - scale), dtype=np.float32)
+    act_high = np.asarray(fields.pop("act_high", bias + scale), dtype=np.float32)
+    return ActorMetadata(
+        model_id=model_id,
+        obs_shape=(actor.obs_dim,),
+        obs_dtype="float32",
+        obs_low=obs_low.reshape(-1),
+        obs_high=obs_high.reshape(-1),
+        act_shape=(actor.act_dim,),
+        act_dtype="float32",
+        act_low=act_low.reshape(-1),
+        act_high=act_high.reshape(-1),
+        obs_norm="batch_norm" if isinstance(actor.obs_norm, torch.nn.BatchNorm1d) else "none",
+        **fields,
+    )
+
+
+def export_actor(
+    actor: Actor,
+    path: str | Path,
+    *,
+    probes: int = PARITY_PROBES,
+    tolerance: float = PARITY_TOLERANCE,
+    **metadata: Any,
+) -> ExportReport:
+    """Write ``actor`` (eval mode, CPU, float32) to ``path`` with its metadata.
+
+    ``metadata`` are :class:`ActorMetadata` fields: at least env_id, preset, run_name,
+    train_steps, seed and eval_seed; obs_low/obs_high default to unbounded and act_low/act_high
+    to the actor's own bounds. Raises :class:`ExportError` (writing nothing) when the ONNX model
+    differs from the torch actor by more than ``tolerance`` on ``probes`` observations or fails
+    the runtime policy's checks.
+    """
+    if probes < 1000:
+        raise ExportError(f"probes = {probes}: parity needs at least 1000 probe observations")
+    path = Path(path)
+    module = copy.deepcopy(actor).to("cpu", torch.float32).eval()
+    model = _to_onnx(module)
+    model_id = weights_hash(model)
+    meta = actor_metadata(module, model_id, **metadata)
+    onnx.helper.set_model_props(model, meta.to_props())
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"exported graph fails onnx.checker: {e}") from None
+    data = model.SerializeToString()
+
+    # Parity and the runtime checks, on the exact bytes about to be written.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    try:
+        try:
+            policy = OnnxPolicy(tmp)
+        except PolicyError as e:
+            raise ExportError(f"exported model fails the runtime checks: {e}") from None
+        obs = probe_observations(meta, probes, seed=1)
+        with torch.no_grad():
+            expected = module(torch.from_numpy(obs)).numpy()
+        got = policy(obs)
+        diff = float(np.max(np.abs(got - expected)))
+        single = float(np.max(np.abs(policy(obs[0]) - expected[0])))
+        diff = max(diff, single)
+        if not diff <= tolerance:  # also catches NaN
+            raise ExportError(
+                f"ONNX and torch actors differ by {diff:.3g} (max abs) on {probes} probe "
+                f"observations; tolerance {tolerance:g}; nothing written"
+            )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportReport(
+        path=path,
+        model_id=model_id,
+        max_abs_diff=diff,
+        probes=probes,
+        nodes=[n.op_type for n in model.graph.node],
+        size_bytes=len(data),
+    )

@@ -1,0 +1,418 @@
+"""The runtime policy: an exported ONNX actor served by onnxruntime, checked before it serves.
+
+Nothing here imports torch, so the control node and ``ddpg eval`` start fast and stay small.
+A model is refused, with an error that names the problem, unless it parses and passes
+``onnx.checker``, carries every metadata field of :data:`METADATA_FORMAT`, has finite weights
+whose hash is its model id, has one input ``obs`` and one output ``action`` shaped as its
+metadata says, answers probe observations with finite actions inside its action bounds, and (when
+the caller says what it expects) was exported for the caller's environment.
+
+Batch-1 latency is what a fixed-rate control loop pays every tick, so the default session is
+tuned for it: one intra-op thread, no spinning, and preallocated input/output buffers bound once
+with IOBinding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+METADATA_FORMAT = 1
+"""Version of the metadata layout below; bump it when a field changes meaning or is added."""
+INPUT_NAME = "obs"
+OUTPUT_NAME = "action"
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+DEFAULT_PROBES = 256
+
+
+class PolicyError(ValueError):
+    """An ONNX actor is unusable or is not what the caller expects; the message says why."""
+
+
+class SpecLike(Protocol):
+    """What the caller expects of a model (``sim_bridge.envs.EnvSpec`` fits)."""
+
+    env_id: str
+    obs_shape: tuple[int, ...]
+    act_low: np.ndarray
+    act_high: np.ndarray
+
+
+# -- metadata ---------------------------------------------------------------------------------
+def _encode_floats(values: Sequence[float]) -> str:
+    """JSON list of floats; infinities as the strings "inf"/"-inf" (JSON has no infinity)."""
+    out: list[float | str] = []
+    for v in values:
+        v = float(v)
+        out.append(v if math.isfinite(v) else ("inf" if v > 0 else "-inf"))
+    return json.dumps(out)
+
+
+def _decode_floats(text: str) -> np.ndarray:
+    values = json.loads(text)
+    if not isinstance(values, list) or not all(
+        isinstance(v, int | float) or v in ("inf", "-inf") for v in values
+    ):
+        raise ValueError("expected a JSON list of numbers")
+    return np.array([float(v) for v in values], dtype=np.float32)
+
+
+def _decode_shape(text: str) -> tuple[int, ...]:
+    values = json.loads(text)
+    if not isinstance(values, list) or not all(isinstance(v, int) and v > 0 for v in values):
+        raise ValueError("expected a JSON list of positive integers")
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class ActorMetadata:
+    """What an exported actor says about itself; stored as string ``metadata_props``."""
+
+    model_id: str
+    """Content hash of the weights (see :func:`weights_hash`)."""
+    env_id: str
+    obs_shape: tuple[int, ...]
+    obs_dtype: str
+    obs_low: np.ndarray
+    obs_high: np.ndarray
+    act_shape: tuple[int, ...]
+    act_dtype: str
+    act_low: np.ndarray
+    act_high: np.ndarray
+    obs_norm: str
+    """How observations are normalised inside the graph: 'none' or 'batch_norm'."""
+    preset: str
+    run_name: str
+    train_steps: int
+    seed: int
+    eval_seed: int
+    """Seed of the trainer's deterministic evaluation, so ``ddpg eval`` can reproduce it."""
+    format_version: int = METADATA_FORMAT
+
+    def to_props(self) -> dict[str, str]:
+        props: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                props[f.name] = _encode_floats(value.tolist())
+            elif isinstance(value, tuple):
+                props[f.name] = json.dumps(list(value))
+            else:
+                props[f.name] = str(value)
+        return props
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (lists for shapes and bounds, "inf" for infinite bounds)."""
+        props = self.to_props()
+        return {
+            f.name: json.loads(props[f.name])
+            if isinstance(getattr(self, f.name), np.ndarray | tuple)
+            else getattr(self, f.name)
+            for f in fields(self)
+        }
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str], source: str = "model") -> ActorMetadata:
+        """Parse ``metadata_props``; a missing or malformed field is named in the error."""
+        version = props.get("format_version")
+        if version is None:
+            raise PolicyError(
+                f"{source}: metadata field 'format_version' is missing; not a model exported by "
+                "ddpg export"
+            )
+        if version != str(METADATA_FORMAT):
+            raise PolicyError(
+                f"{source}: metadata format_version {version!r} is not supported "
+                f"(this runtime reads {METADATA_FORMAT})"
+            )
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in props:
+                raise PolicyError(f"{source}: metadata field {f.name!r} is missing")
+            text = props[f.name]
+            try:
+                if f.name in ("obs_low", "obs_high", "act_low", "act_high"):
+                    values[f.name] = _decode_floats(text)
+                elif f.name in ("obs_shape", "act_shape"):
+                    values[f.name] = _decode_shape(text)
+                elif f.name in ("train_steps", "seed", "eval_seed", "format_version"):
+                    values[f.name] = int(text)
+                else:
+                    values[f.name] = text
+            except ValueError as e:
+                raise PolicyError(
+                    f"{source}: metadata field {f.name!r} = {text!r} is malformed: {e}"
+                ) from None
+        meta = cls(**values)
+        meta._check_consistent(source)
+        return meta
+
+    def _check_consistent(self, source: str) -> None:
+        obs_n, act_n = math.prod(self.obs_shape), math.prod(self.act_shape)
+        problems = []
+        if self.obs_dtype != "float32":
+            problems.append(f"obs_dtype {self.obs_dtype!r} is not 'float32'")
+        if self.act_dtype != "float32":
+            problems.append(f"act_dtype {self.act_dtype!r} is not 'float32'")
+        if self.obs_low.size != obs_n or self.obs_high.size != obs_n:
+            problems.append(f"obs bounds do not have {obs_n} values (obs_shape {self.obs_shape})")
+        if len(self.act_shape) != 1:
+            problems.append(f"act_shape {self.act_shape} is not 1-D")
+        if self.act_low.size != act_n or self.act_high.size != act_n:
+            problems.append(
+                f"action bounds do not have {act_n} values (act_shape {self.act_shape})"
+            )
+        elif not (np.isfinite(self.act_low).all() and np.isfinite(self.act_high).all()):
+            problems.append("action bounds are not finite")
+        elif not (self.act_low <= self.act_high).all():
+            problems.append("action low bound exceeds high bound")
+        if self.obs_norm not in ("none", "batch_norm"):
+            problems.append(f"obs_norm {self.obs_norm!r} is not 'none' or 'batch_norm'")
+        if problems:
+            raise PolicyError(f"{source}: inconsistent metadata: {'; '.join(problems)}")
+
+
+def weights_hash(model: onnx.ModelProto) -> str:
+    """The model id: sha256 over the initializers (name, dtype, shape, bytes) in name order,
+    first 16 hex digits. Metadata is left out, so re-exporting the same weights keeps the id."""
+    h = hashlib.sha256()
+    for init in sorted(model.graph.initializer, key=lambda t: t.name):
+        array = np.ascontiguousarray(numpy_helper.to_array(init))
+        h.update(f"{init.name}|{array.dtype.str}|{array.shape}|".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()[:16]
+
+
+def read_metadata(model: onnx.ModelProto, source: str = "model") -> ActorMetadata:
+    return ActorMetadata.from_props({p.key: p.value for p in model.metadata_props}, source)
+
+
+# -- checks -----------------------------------------------------------------------------------
+def load_checked_proto(data: bytes, source: str) -> tuple[onnx.ModelProto, ActorMetadata]:
+    """Parse and statically check a serialized actor: structure, metadata, weights, model id."""
+    if not data:
+        raise PolicyError(f"{source}: file is empty")
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise PolicyError(
+            f"{source}: not a readable ONNX model (truncated or corrupt?): {e}"
+        ) from None
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PolicyError(f"{source}: fails onnx.checker: {first}") from None
+    meta = read_metadata(model, source)
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise PolicyError(
+                f"{source}: weight {init.name!r} holds {bad} non-finite value(s) (NaN/inf)"
+            )
+    actual = weights_hash(model)
+    if actual != meta.model_id:
+        raise PolicyError(
+            f"{source}: weights hash {actual} does not match metadata model_id {meta.model_id} "
+            "(weights changed after export?)"
+        )
+    return model, meta
+
+
+def _check_io(session: ort.InferenceSession, meta: ActorMetadata, source: str) -> None:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
+        raise PolicyError(
+            f"{source}: graph inputs {[i.name for i in inputs]} and outputs "
+            f"{[o.name for o in outputs]}; expected ['{INPUT_NAME}'] and ['{OUTPUT_NAME}']"
+        )
+    for arg, shape in ((inputs[0], meta.obs_shape), (outputs[0], meta.act_shape)):
+        if arg.type != "tensor(float)":
+            raise PolicyError(f"{source}: {arg.name!r} has type {arg.type}, expected float32")
+        dims = list(arg.shape)
+        if len(dims) != 1 + len(shape) or isinstance(dims[0], int):
+            raise PolicyError(
+                f"{source}: {arg.name!r} has shape {dims}, expected [batch, *{list(shape)}] "
+                "with a dynamic batch dimension"
+            )
+        if tuple(dims[1:]) != shape:
+            raise PolicyError(
+                f"{source}: {arg.name!r} has shape {dims}, but the metadata says {list(shape)}"
+            )
+
+
+def _check_expected(meta: ActorMetadata, expect: SpecLike, source: str) -> None:
+    if meta.env_id != expect.env_id:
+        raise PolicyError(
+            f"{source}: model was exported for env {meta.env_id!r}, not {expect.env_id!r}"
+        )
+    if tuple(meta.obs_shape) != tuple(expect.obs_shape):
+        raise PolicyError(
+            f"{source}: model observations are {meta.obs_shape}, env {expect.env_id!r} has "
+            f"{tuple(expect.obs_shape)}"
+        )
+    low = np.asarray(expect.act_low, dtype=np.float32)
+    high = np.asarray(expect.act_high, dtype=np.float32)
+    if low.shape != meta.act_low.shape or not (
+        np.array_equal(low, meta.act_low) and np.array_equal(high, meta.act_high)
+    ):
+        raise PolicyError(
+            f"{source}: model action bounds [{meta.act_low.tolist()}, {meta.act_high.tolist()}] "
+            f"differ from env {expect.env_id!r}'s [{low.tolist()}, {high.tolist()}]"
+        )
+
+
+def probe_observations(meta: ActorMetadata, n: int, seed: int = 0) -> np.ndarray:
+    """Deterministic probe inputs: standard normal, a quarter of them scaled by 10, clipped to
+    the observation bounds where those are finite."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, *meta.obs_shape)).astype(np.float32)
+    x[: n // 4] *= 10.0
+    low, high = meta.obs_low.reshape(meta.obs_shape), meta.obs_high.reshape(meta.obs_shape)
+    return np.clip(x, low, high).astype(np.float32)
+
+
+def _check_outputs(actions: np.ndarray, meta: ActorMetadata, source: str) -> None:
+    if not np.isfinite(actions).all():
+        bad = int(actions.size - np.isfinite(actions).sum())
+        raise PolicyError(f"{source}: {bad} non-finite action value(s) on probe observations")
+    # tanh * scale + bias may land one float32 ulp outside a bound; more than that is a bug.
+    tol = 1e-5 * np.maximum(1.0, np.maximum(np.abs(meta.act_low), np.abs(meta.act_high)))
+    below = actions < meta.act_low - tol
+    above = actions > meta.act_high + tol
+    if below.any() or above.any():
+        i = int(np.argmax((below | above).any(axis=0)))
+        raise PolicyError(
+            f"{source}: action[{i}] reaches [{actions[:, i].min():.4g}, {actions[:, i].max():.4g}] "
+            f"on probe observations, outside its bounds [{meta.act_low[i]:.4g}, "
+            f"{meta.act_high[i]:.4g}] (is the tanh output scaled to the bounds in the graph?)"
+        )
+
+
+# -- sessions ---------------------------------------------------------------------------------
+def session_options(tuned: bool = True, threads: int = 1) -> ort.SessionOptions:
+    """Tuned for batch-1 latency: ``threads`` intra-op threads, sequential, no spinning."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only; provider fallback is reported once by us
+    if tuned:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return so
+
+
+def _make_session(
+    data: bytes, provider: str, so: ort.SessionOptions, source: str
+) -> ort.InferenceSession:
+    if provider not in PROVIDERS:
+        raise PolicyError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)}")
+    wanted = PROVIDERS[provider]
+    providers = [wanted, "CPUExecutionProvider"] if provider != "cpu" else [wanted]
+    if wanted not in ort.get_available_providers():
+        print(
+            f"policy: {wanted} is not in this onnxruntime build; using CPUExecutionProvider",
+            file=sys.stderr,
+        )
+        providers = ["CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(data, so, providers=providers)
+    except Exception as e:
+        raise PolicyError(f"{source}: onnxruntime cannot load it: {e}") from None
+    if providers[0] == wanted and session.get_providers()[0] != wanted:
+        print(
+            f"policy: {wanted} could not start on this machine (no GPU or missing libraries); "
+            "using CPUExecutionProvider",
+            file=sys.stderr,
+        )
+    return session
+
+
+class OnnxPolicy:
+    """A checked ONNX actor: ``policy(obs)`` for one observation ``obs_shape`` -> ``(act_dim,)``
+    or a batch ``(B, *obs_shape)`` -> ``(B, act_dim)``, in the environment's units.
+
+    ``expect`` (e.g. an ``EnvSpec``) makes loading fail unless the model was exported for that
+    environment. ``provider`` is 'cpu' (default; fastest for small MLPs), 'cuda' or 'tensorrt';
+    an unavailable one falls back to the CPU with one line on stderr.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        expect: SpecLike | None = None,
+        provider: str = "cpu",
+        threads: int = 1,
+        probes: int = DEFAULT_PROBES,
+    ) -> None:
+        self.path = Path(path)
+        source = str(self.path)
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise PolicyError(f"{source}: cannot read model file: {e.strerror}") from None
+        _, self.metadata = load_checked_proto(data, source)
+        meta = self.metadata
+        if expect is not None:
+            _check_expected(meta, expect, source)
+        self.session = _make_session(data, provider, session_options(True, threads), source)
+        self.provider = self.session.get_providers()[0]
+        _check_io(self.session, meta, source)
+        self.obs_shape = meta.obs_shape
+        self.act_dim = meta.act_shape[0]
+        try:
+            actions = self._run_batch(probe_observations(meta, probes))
+        except Exception as e:
+            raise PolicyError(f"{source}: fails on probe observations: {e}") from None
+        _check_outputs(actions, meta, source)
+        # Batch-1 fast path: buffers bound once; a call copies in, runs, copies out.
+        self._obs1 = np.zeros((1, *meta.obs_shape), dtype=np.float32)
+        self._act1 = np.zeros((1, self.act_dim), dtype=np.float32)
+        self._binding = self.session.io_binding()
+        if self.provider == "CPUExecutionProvider":
+            self._binding.bind_cpu_input(INPUT_NAME, self._obs1)
+            self._binding.bind_output(
+                OUTPUT_NAME, "cpu", 0, np.float32, self._act1.shape, self._act1.ctypes.data
+            )
+        else:
+            self._binding = None
+
+    @property
+    def model_id(self) -> str:
+        return self.metadata.model_id
+
+    def _run_batch(self, obs: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: obs})[0]
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        obs = np.asarray(obs, dtype=np.float32)
+        if obs.shape == self.obs_shape:
+            if self._binding is None:
+                return self._run_batch(obs[None])[0]
+            np.copyto(self._obs1[0], obs)
+            self.session.run_with_iobinding(self._binding)
+            return self._act1[0].copy()
+        if obs.shape[1:] == self.obs_shape and obs.ndim == len(self.obs_shape) + 1:
+            return self._run_batch(np.ascontiguousarray(obs))
+        raise PolicyError(
+            f"observation of shape {obs.shape}; this policy takes {self.obs_shape} or "
+            f"(batch, {', '.join(map(str, self.obs_shape))})"
+        )
