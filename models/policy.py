@@ -323,27 +323,33 @@ def session_options(tuned: bool = True, threads: int = 1) -> ort.SessionOptions:
 def _make_session(
     data: bytes, provider: str, so: ort.SessionOptions, source: str
 ) -> ort.InferenceSession:
+    """A session on ``provider``; a GPU provider that is missing or cannot start falls back to
+    the CPU with one line on stderr (instead of onnxruntime's screenful)."""
     if provider not in PROVIDERS:
         raise PolicyError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)}")
     wanted = PROVIDERS[provider]
-    providers = [wanted, "CPUExecutionProvider"] if provider != "cpu" else [wanted]
-    if wanted not in ort.get_available_providers():
+    if provider != "cpu":
+        reason = f"{wanted} is not in this onnxruntime build"
+        if wanted in ort.get_available_providers():
+            reason = "no GPU, or its CUDA/cuDNN/TensorRT libraries are missing"
+            ort.set_default_logger_severity(4)
+            try:
+                session = ort.InferenceSession(
+                    data, so, providers=[wanted, "CPUExecutionProvider"], enable_fallback=0
+                )
+                if session.get_providers()[0] == wanted:
+                    return session
+            except Exception:  # onnxruntime says why at length; the line below says it short
+                pass
+            finally:
+                ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
         print(
-            f"policy: {wanted} is not in this onnxruntime build; using CPUExecutionProvider",
-            file=sys.stderr,
+            f"policy: {wanted} unavailable ({reason}); using CPUExecutionProvider", file=sys.stderr
         )
-        providers = ["CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(data, so, providers=providers)
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise PolicyError(f"{source}: onnxruntime cannot load it: {e}") from None
-    if providers[0] == wanted and session.get_providers()[0] != wanted:
-        print(
-            f"policy: {wanted} could not start on this machine (no GPU or missing libraries); "
-            "using CPUExecutionProvider",
-            file=sys.stderr,
-        )
-    return session
 
 
 class OnnxPolicy:
