@@ -126,10 +126,35 @@ class Critic(nn.Module):
             _uniform_final(self.head.weight, self.head.bias, final_init)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        x = self.obs_norm(obs).expand(self.n_q, *obs.shape)
-        a = action.expand(self.n_q, *action.shape)
+        return self._ensemble(obs, action, self.n_q)
+
+    def q1(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """The first Q-network only, ``[B]``: the actor's objective needs no other member, so
+        this skips their matmuls (half the critic's cost in TD3's actor step)."""
+        return self._ensemble(obs, action, 1)[0]
+
+    def _ensemble(self, obs: torch.Tensor, action: torch.Tensor, n: int) -> torch.Tensor:
+        x = self.obs_norm(obs).expand(n, *obs.shape)
+        a = action.expand(n, *action.shape)
         for i, layer in enumerate(self.layers):
-            if i == self.action_layer:
-                x = torch.cat([x, a], dim=-1)
-            x = torch.relu(layer(x))
-        return self.head(x).squeeze(-1)
+            w, b = _members(layer, n)
+            if i != self.action_layer:
+                x = torch.baddbmm(b, x, w)
+            elif action.requires_grad:
+                # Gradient wanted for the action (the actor step): two matmuls instead of a
+                # concatenation, so backward computes d/da without the much wider d/dx.
+                width = x.shape[-1]
+                x = torch.baddbmm(torch.baddbmm(b, x, w[:, :width]), a, w[:, width:])
+            else:
+                x = torch.baddbmm(b, torch.cat([x, a], dim=-1), w)
+            x = torch.relu(x)
+        w, b = _members(self.head, n)
+        return torch.baddbmm(b, x, w).squeeze(-1)
+
+
+def _members(layer: EnsembleLinear, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the first ``n`` members; the parameters themselves when that is all
+    of them, so the critic's own backward pass has no slicing to undo."""
+    if n == layer.weight.shape[0]:
+        return layer.weight, layer.bias
+    return layer.weight[:n], layer.bias[:n]

@@ -20,17 +20,70 @@ from training.config import TrainConfig
 from training.replay import Batch
 
 
-def _adam(
-    params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device
-) -> torch.optim.Adam:
-    # One fused kernel per step for all parameters instead of a handful of ops per tensor.
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+def _flatten(module: nn.Module) -> tuple[torch.Tensor, int]:
+    """Make the module's parameters, then its floating-point buffers (batch-norm statistics),
+    views into one new contiguous tensor; returns it and the parameter count.
+
+    An optimiser step then is one fused Adam kernel on one tensor and a soft target update is
+    one lerp, instead of a few ops per tensor with Python overhead for each.
+    """
+    params = list(module.parameters())
+    buffers = [
+        (owner, name, b)
+        for owner in module.modules()
+        for name, b in owner._buffers.items()
+        if b is not None and b.is_floating_point()
+    ]
+    tensors = [p.detach() for p in params] + [b for _, _, b in buffers]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    n_params = offset
+    for owner, name, b in buffers:
+        owner._buffers[name] = flat[offset : offset + b.numel()].view_as(b)
+        offset += b.numel()
+    return flat, n_params
 
 
-def _float_state(module: nn.Module) -> list[torch.Tensor]:
-    """Parameters and floating-point buffers (batch-norm running statistics), in a fixed order."""
-    tensors = list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
-    return [t.data for t in tensors]
+class _FlatAdam:
+    """Adam on one flat tensor: PyTorch's fused kernel called directly.
+
+    The math and the state are ``torch.optim.Adam(fused=True)``'s (the optimizer object is kept
+    for its ``state_dict``), but ``Optimizer.step`` costs about as much Python time as the
+    kernel itself at these sizes, once per update, so this calls the kernel on its state.
+    """
+
+    def __init__(self, param: torch.Tensor, lr: float, weight_decay: float = 0.0) -> None:
+        self.param = param
+        param.grad = torch.zeros_like(param)
+        self.opt = torch.optim.Adam([param], lr=lr, weight_decay=weight_decay, fused=True)
+        self.opt.state[param] = {
+            "step": torch.zeros((), dtype=torch.float32, device=param.device),
+            "exp_avg": torch.zeros_like(param),
+            "exp_avg_sq": torch.zeros_like(param),
+        }
+
+    def step(self) -> None:
+        group, state = self.opt.param_groups[0], self.opt.state[self.param]
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        torch._fused_adam_(
+            [self.param],
+            [self.param.grad],
+            [state["exp_avg"]],
+            [state["exp_avg_sq"]],
+            [],
+            [state["step"]],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            amsgrad=False,
+            maximize=False,
+        )
 
 
 class DDPGAgent:
@@ -65,12 +118,17 @@ class DDPGAgent:
             p.requires_grad_(False)
         self.actor_params = list(self.actor.parameters())
         self.critic_params = list(self.critic.parameters())
-        self.actor_opt = _adam(self.actor_params, cfg.actor_lr, 0.0, device)
-        self.critic_opt = _adam(self.critic_params, cfg.critic_lr, cfg.critic_l2, device)
+        actor_flat, n_actor = _flatten(self.actor)
+        critic_flat, n_critic = _flatten(self.critic)
         self._soft_pairs = (
-            _float_state(self.actor_target) + _float_state(self.critic_target),
-            _float_state(self.actor) + _float_state(self.critic),
+            [_flatten(self.actor_target)[0], _flatten(self.critic_target)[0]],
+            [actor_flat, critic_flat],
         )
+        # Each optimiser sees one flat parameter whose gradient buffer is filled in place.
+        self._actor_vec = actor_flat[:n_actor]
+        self._critic_vec = critic_flat[:n_critic]
+        self.actor_opt = _FlatAdam(self._actor_vec, cfg.actor_lr)
+        self.critic_opt = _FlatAdam(self._critic_vec, cfg.critic_lr, cfg.critic_l2)
         self.updates = 0
         self._actor_loss = torch.zeros((), device=device)
         self._critic_step = self._critic_loss
@@ -80,12 +138,12 @@ class DDPGAgent:
             self._actor_step = torch.compile(self._actor_loss_fn)
 
     # -- acting -------------------------------------------------------------------------------
-    @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Deterministic action in environment units for one observation (eval mode)."""
         self.actor.eval()
-        x = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
-        action = self.actor(x)[0].cpu().numpy()
+        with torch.inference_mode():
+            x = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
+            action = self.actor(x)[0].cpu().numpy()
         self.actor.train()
         return action
 
@@ -107,22 +165,21 @@ class DDPGAgent:
         return loss, q[0].mean().detach()
 
     def _actor_loss_fn(self, obs: torch.Tensor) -> torch.Tensor:
-        return -self.critic(obs, self.actor.normalized(obs))[0].mean()
+        return -self.critic.q1(obs, self.actor.normalized(obs)).mean()
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One critic step; every ``policy_delay`` critic steps also an actor step and a soft
         update of both targets. Returns detached scalar tensors."""
         critic_loss, q_mean = self._critic_step(batch)
-        self.critic_opt.zero_grad(set_to_none=True)
-        critic_loss.backward()
+        grads = torch.autograd.grad(critic_loss, self.critic_params)
+        torch.cat([g.reshape(-1) for g in grads], out=self._critic_vec.grad)
         self.critic_opt.step()
         self.updates += 1
         if self.updates % self.cfg.policy_delay == 0:
             actor_loss = self._actor_step(batch.obs)
             # Gradients for the actor only: the critic's weight gradients are never computed.
             grads = torch.autograd.grad(actor_loss, self.actor_params)
-            for p, g in zip(self.actor_params, grads, strict=True):
-                p.grad = g
+            torch.cat([g.reshape(-1) for g in grads], out=self._actor_vec.grad)
             self.actor_opt.step()
             self._actor_loss = actor_loss.detach()
             torch._foreach_lerp_(self._soft_pairs[0], self._soft_pairs[1], self.cfg.tau)
@@ -135,8 +192,8 @@ class DDPGAgent:
             "critic": self.critic.state_dict(),
             "actor_target": self.actor_target.state_dict(),
             "critic_target": self.critic_target.state_dict(),
-            "actor_opt": self.actor_opt.state_dict(),
-            "critic_opt": self.critic_opt.state_dict(),
+            "actor_opt": self.actor_opt.opt.state_dict(),
+            "critic_opt": self.critic_opt.opt.state_dict(),
             "updates": self.updates,
         }
 
@@ -145,6 +202,6 @@ class DDPGAgent:
         self.critic.load_state_dict(state["critic"])
         self.actor_target.load_state_dict(state["actor_target"])
         self.critic_target.load_state_dict(state["critic_target"])
-        self.actor_opt.load_state_dict(state["actor_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.actor_opt.opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.opt.load_state_dict(state["critic_opt"])
         self.updates = int(state["updates"])
