@@ -91,7 +91,7 @@ def _video_writer(path: Path, fps: float) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.policy import OnnxPolicy, PolicyError, read_metadata
+    from models.policy import OnnxPolicy, PolicyError, load_checked_proto
     from sim_bridge.envs import EnvError, env_spec, make_env
     from training.evaluation import evaluate
 
@@ -113,13 +113,13 @@ def run(args: argparse.Namespace) -> int:
     env_id = args.env
     if env_id is None:
         try:
-            import onnx
-
-            env_id = read_metadata(onnx.load(str(args.model)), str(args.model)).env_id
+            data = args.model.read_bytes()
+        except OSError as e:
+            return fail(f"{args.model}: cannot read model file: {e.strerror}")
+        try:
+            env_id = load_checked_proto(data, str(args.model))[1].env_id
         except PolicyError as e:
             return fail(str(e))
-        except Exception as e:
-            return fail(f"{args.model}: not a readable ONNX model: {e}")
     try:
         env = make_env(env_id, **env_kwargs)
     except EnvError as e:
