@@ -1,0 +1,241 @@
+"""Training throughput: environment steps per second with one gradient update per step.
+
+Our trainer (``training.trainer.Trainer``, evaluation and progress off) and Stable-Baselines3
+(DDPG for the ``paper`` preset, TD3 for ``td3``) run on the same environment with the same
+network widths, batch size and update schedule (``train_freq=1``, ``gradient_steps=1``), side by
+side in one process, so both see the same torch build, thread count and machine load. Only the
+updating phase is timed: each system first collects ``--warmup`` steps of random actions, then
+``--steps`` steps with one update each are timed. ``--repeats`` alternates the systems so load
+from other processes on a shared machine spreads over all of them; the median is reported.
+
+SB3 is not a dependency of the project: ``pip install -e .[bench]``.
+
+    .venv/bin/python benchmarks/train_throughput.py [--steps 3000] [--warmup 1000]
+        [--presets paper,td3] [--repeats 1] [--threads 0] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.config import make_config
+from training.replay import Batch
+from training.trainer import Trainer
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_throughput.json"
+SB3_ALGO = {"paper": "DDPG", "td3": "TD3"}
+KEYS = ("steps_per_s", "steps_per_cpu_s")
+
+
+class Clock:
+    """Wall and CPU time of the timed phase; steps per CPU-second is what a shared machine's
+    load disturbs least, steps per wall-second is what the user waits for."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+        self.running = False
+
+    def start(self) -> None:
+        if not self.running and not self.wall:
+            self.wall, self.cpu, self.running = time.perf_counter(), time.process_time(), True
+
+    def stop(self) -> None:
+        if self.running:
+            self.wall = time.perf_counter() - self.wall
+            self.cpu = time.process_time() - self.cpu
+            self.running = False
+
+    def rates(self, steps: int) -> dict[str, float]:
+        return {"steps_per_s": steps / self.wall, "steps_per_cpu_s": steps / self.cpu}
+
+
+def ours(env: str, preset: str, warmup: int, steps: int, seed: int) -> dict[str, float]:
+    """Our trainer's rates over the ``steps`` updating steps that follow ``warmup`` random ones.
+
+    The clock starts at the first update and stops at the final checkpoint, the first thing
+    ``Trainer.run`` does after its loop when evaluation and periodic checkpoints are off.
+    """
+    with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
+        cfg = make_config(
+            preset,
+            env=env,
+            seed=seed,
+            out=tmp,
+            device="cpu",
+            steps=warmup + steps,
+            learning_starts=warmup,
+            eval_every=0,
+            eval_episodes=0,
+            checkpoint_every=0,
+            log_every=warmup + steps,
+        )
+        trainer = Trainer(cfg, progress=False)
+        clock = Clock()
+        update, save = trainer.agent.update, trainer.save_checkpoint
+
+        def timed_update(batch: Batch) -> dict[str, torch.Tensor]:
+            clock.start()
+            return update(batch)
+
+        def timed_save() -> Path:
+            clock.stop()
+            return save()
+
+        trainer.agent.update = timed_update  # type: ignore[method-assign]
+        trainer.save_checkpoint = timed_save  # type: ignore[method-assign]
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+    return clock.rates(steps)
+
+
+def sb3(env_id: str, preset: str, warmup: int, steps: int, seed: int) -> dict[str, float]:
+    """SB3's DDPG/TD3 rates at the preset's widths, batch, noise and policy delay."""
+    try:
+        import stable_baselines3 as sb
+        from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
+    except ImportError:
+        sys.exit("stable-baselines3 is missing: pip install -e .[bench]")
+    import gymnasium as gym
+
+    cfg = make_config(preset)
+    env = gym.make(env_id)
+    act_dim = env.action_space.shape[0]
+    half_range = (env.action_space.high - env.action_space.low) / 2.0
+    noise_cls = OrnsteinUhlenbeckActionNoise if cfg.noise == "ou" else NormalActionNoise
+    kwargs: dict[str, Any] = {
+        "learning_starts": warmup,
+        "train_freq": 1,
+        "gradient_steps": 1,
+        "batch_size": cfg.batch_size,
+        "buffer_size": warmup + steps,
+        "gamma": cfg.gamma,
+        "tau": cfg.tau,
+        "action_noise": noise_cls(np.zeros(act_dim), cfg.noise_sigma * half_range),
+        "policy_kwargs": {"net_arch": list(cfg.actor_hidden)},
+        "device": "cpu",
+        "seed": seed,
+        "verbose": 0,
+    }
+    if preset == "td3":
+        kwargs |= {
+            "policy_delay": cfg.policy_delay,
+            "target_policy_noise": cfg.policy_noise,
+            "target_noise_clip": cfg.noise_clip,
+        }
+    model = getattr(sb, SB3_ALGO[preset])("MlpPolicy", env, **kwargs)
+    model.learn(total_timesteps=warmup)
+    clock = Clock()
+    clock.start()
+    model.learn(total_timesteps=steps, reset_num_timesteps=False)
+    clock.stop()
+    env.close()
+    return clock.rates(steps)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3000, help="timed updating steps")
+    parser.add_argument("--warmup", type=int, default=1000, help="random steps before updates")
+    parser.add_argument("--presets", default="paper,td3", help="comma-separated presets")
+    parser.add_argument("--env", default="HalfCheetah-v5")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating runs per system")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch default")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
+    args = parser.parse_args(argv)
+    presets = [p for p in args.presets.split(",") if p]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    systems: dict[str, Callable[[str, str, int, int, int], dict[str, float]]] = {
+        "ours": ours,
+        "sb3": sb3,
+    }
+
+    rows: list[dict[str, Any]] = []
+    for preset in presets:
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
+        for _ in range(args.repeats):
+            for name, fn in systems.items():
+                r = fn(args.env, preset, args.warmup, args.steps, args.seed)
+                runs[name].append(r)
+                print(
+                    f"  {preset:6} {name:5} {r['steps_per_s']:8.1f} steps/s "
+                    f"{r['steps_per_cpu_s']:8.1f} steps/cpu-s",
+                    flush=True,
+                )
+        base = {k: statistics.median(r[k] for r in runs["sb3"]) for k in KEYS}
+        for name, values in runs.items():
+            row: dict[str, Any] = {
+                "system": "ours" if name == "ours" else f"sb3 {SB3_ALGO[preset]}",
+                "preset": preset,
+            }
+            for k in KEYS:
+                rate = statistics.median(r[k] for r in values)
+                row[k] = round(rate, 1)
+                row[f"{k}_runs"] = [round(r[k], 1) for r in values]
+                row[f"{k}_vs_sb3"] = round(rate / base[k], 2)
+            rows.append(row)
+
+    print(
+        f"\n{'system':10} {'preset':7} {'steps/s':>9} {'vs SB3':>7} {'steps/cpu-s':>12} {'vs SB3':>7}"
+    )
+    for r in rows:
+        print(
+            f"{r['system']:10} {r['preset']:7} {r['steps_per_s']:9.1f} "
+            f"{r['steps_per_s_vs_sb3']:6.2f}x {r['steps_per_cpu_s']:12.1f} "
+            f"{r['steps_per_cpu_s_vs_sb3']:6.2f}x"
+        )
+    result = {
+        "benchmark": "train_throughput",
+        "env": args.env,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "updates_per_step": 1,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpu_count": torch.multiprocessing.cpu_count(),
+        "python": platform.python_version(),
+        "results": rows,
+    }
+    try:
+        import stable_baselines3
+
+        result["stable_baselines3"] = stable_baselines3.__version__
+    except ImportError:
+        pass
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
