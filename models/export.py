@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,13 +56,27 @@ class ExportReport:
     size_bytes: int
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """The exporter prints progress and warnings (torchvision ops missing, deprecations), and
+    under a DEBUG root logger (pytest's) its structured trace logging costs seconds."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _to_onnx(actor: Actor) -> onnx.ModelProto:
     """torch.onnx (dynamo exporter; needs onnxscript) with a dynamic batch dimension."""
     example = torch.zeros(2, actor.obs_dim)
     quiet = io.StringIO()
-    # The exporter logs and prints progress and warnings (torchvision ops missing, deprecations).
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with (
+        _quiet_loggers("torch.onnx", "torch.export", "torch.__trace"),
         warnings.catch_warnings(),
         contextlib.redirect_stdout(quiet),
         contextlib.redirect_stderr(quiet),
