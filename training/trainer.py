@@ -165,7 +165,8 @@ class Trainer:
         obs, _ = env.reset(seed=cfg.seed + self.step)
         self.noise.reset()
         ep_return, ep_len = 0.0, 0
-        metrics: dict[str, torch.Tensor] = {}
+        nan = torch.tensor(float("nan"))
+        metrics: dict[str, torch.Tensor] = {"critic_loss": nan, "actor_loss": nan, "q": nan}
         start_step, t0 = self.step, time.perf_counter()
         t_log, step_log = t0, self.step
         bar = self._progress_bar()

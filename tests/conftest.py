@@ -1,0 +1,29 @@
+"""Shared test helpers: small, fast trainer configs on real Gymnasium environments."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path: Path) -> dict[str, Any]:
+    """A run that goes past learning_starts and updates a few hundred times in seconds."""
+    return {
+        "env": "Pendulum-v1",
+        "steps": 600,
+        "learning_starts": 200,
+        "eval_every": 300,
+        "eval_episodes": 2,
+        "log_every": 100,
+        "batch_size": 32,
+        "actor_hidden": (32, 32),
+        "critic_hidden": (32, 32),
+        "threads": 1,  # tiny networks: a second OpenMP thread only adds synchronisation
+        "out": str(tmp_path / "run"),
+    }

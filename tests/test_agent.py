@@ -1,0 +1,155 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from training.agent import DDPGAgent
+from training.config import PRESETS, ConfigError, TrainConfig, load_config, make_config
+from training.replay import ReplayBuffer
+
+OBS, ACT = 5, 2
+
+
+def _agent(preset: str, **kw: object) -> tuple[DDPGAgent, ReplayBuffer]:
+    torch.manual_seed(0)
+    cfg = make_config(preset, actor_hidden=(16, 16), critic_hidden=(16, 16), batch_size=8, **kw)
+    low, high = np.array([-2.0, 0.0]), np.array([2.0, 1.0])
+    agent = DDPGAgent(cfg, OBS, low, high, torch.device("cpu"))
+    buf = ReplayBuffer(64, OBS, ACT)
+    rng = np.random.default_rng(0)
+    for _ in range(64):
+        buf.add(
+            rng.normal(size=OBS),
+            rng.uniform(low, high),
+            rng.normal(),
+            rng.normal(size=OBS),
+            bool(rng.random() < 0.1),
+            False,
+        )
+    return agent, buf
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("preset", ["paper", "td3"])
+def test_soft_update_follows_online_by_tau(preset: str) -> None:
+    agent, buf = _agent(preset)
+    tau = agent.cfg.tau
+    for step in range(1, 5):
+        before = {"a": _params(agent.actor_target), "c": _params(agent.critic_target)}
+        agent.update(buf.sample(8))
+        after = {"a": _params(agent.actor_target), "c": _params(agent.critic_target)}
+        online = {"a": _params(agent.actor), "c": _params(agent.critic)}
+        moved = step % agent.cfg.policy_delay == 0
+        for net in ("a", "c"):
+            for k in before[net]:
+                expected = (
+                    before[net][k] + tau * (online[net][k] - before[net][k])
+                    if moved
+                    else before[net][k]
+                )
+                torch.testing.assert_close(after[net][k], expected, rtol=1e-6, atol=1e-7)
+    assert agent.updates == 4
+
+
+def test_td3_actor_updates_only_every_policy_delay() -> None:
+    agent, buf = _agent("td3", policy_delay=3)
+    actor0 = _params(agent.actor)
+    critic0 = _params(agent.critic)
+    agent.update(buf.sample(8))
+    agent.update(buf.sample(8))
+    assert all(torch.equal(actor0[k], v) for k, v in _params(agent.actor).items())
+    assert any(not torch.equal(critic0[k], v) for k, v in _params(agent.critic).items())
+    agent.update(buf.sample(8))
+    assert any(not torch.equal(actor0[k], v) for k, v in _params(agent.actor).items())
+
+
+def test_update_returns_finite_scalar_tensors() -> None:
+    agent, buf = _agent("paper")
+    metrics = agent.update(buf.sample(8))
+    assert set(metrics) >= {"critic_loss", "actor_loss", "q"}
+    for v in metrics.values():
+        assert isinstance(v, torch.Tensor) and v.ndim == 0 and torch.isfinite(v)
+
+
+def test_actor_acts_in_env_units_within_bounds() -> None:
+    agent, _ = _agent("td3")
+    with torch.no_grad():
+        agent.actor.head.bias.fill_(100.0)  # saturate tanh: actions sit on the upper bound
+    a = agent.act(np.zeros(OBS, dtype=np.float32))
+    np.testing.assert_allclose(a, [2.0, 1.0], atol=1e-5)
+    with torch.no_grad():
+        agent.actor.head.bias.fill_(-100.0)
+    np.testing.assert_allclose(agent.act(np.zeros(OBS, dtype=np.float32)), [-2.0, 0.0], atol=1e-5)
+
+
+def test_critic_target_uses_min_of_twins_and_stops_at_terminal() -> None:
+    agent, _ = _agent("td3", policy_noise=0.0, gamma=0.5)
+    obs = torch.zeros(4, OBS)
+    batch_next = torch.ones(4, OBS)
+    with torch.no_grad():
+        q_next = agent.critic_target(batch_next, agent.actor_target.normalized(batch_next))
+    assert q_next.shape == (2, 4)
+    from training.replay import Batch
+
+    reward = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    terminated = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    action = torch.zeros(4, ACT) + torch.tensor([0.0, 0.5])
+    batch = Batch(obs, action, reward, batch_next, terminated)
+    loss, _ = agent._critic_loss(batch)
+    with torch.no_grad():
+        q = agent.critic(obs, (action - agent.actor.action_bias) / agent.actor.action_scale)
+        target = reward + 0.5 * (1 - terminated) * q_next.min(0).values
+        expected = (q - target).pow(2).mean(1).sum()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_presets_match_the_papers() -> None:
+    paper = make_config("paper")
+    assert paper.actor_hidden == paper.critic_hidden == (400, 300)
+    assert (paper.actor_lr, paper.critic_lr, paper.critic_l2) == (1e-4, 1e-3, 1e-2)
+    assert (paper.tau, paper.batch_size, paper.gamma) == (1e-3, 64, 0.99)
+    assert (paper.noise, paper.noise_sigma, paper.noise_theta) == ("ou", 0.2, 0.15)
+    assert paper.batch_norm and paper.final_init == 3e-3 and paper.critic_action_layer == 1
+    assert not paper.twin_q and paper.policy_noise == 0 and paper.policy_delay == 1
+    td3 = make_config("td3")
+    assert td3.actor_hidden == td3.critic_hidden == (256, 256)
+    assert (td3.actor_lr, td3.critic_lr, td3.batch_size, td3.tau) == (3e-4, 3e-4, 256, 5e-3)
+    assert (td3.noise, td3.noise_sigma) == ("gaussian", 0.1)
+    assert td3.twin_q and (td3.policy_noise, td3.noise_clip, td3.policy_delay) == (0.2, 0.5, 2)
+    assert set(PRESETS) == {"paper", "td3"}
+
+
+def test_paper_initialisation_bounds_final_layers() -> None:
+    agent, _ = _agent("paper")
+    assert agent.actor.head.weight.abs().max() <= 3e-3
+    assert agent.critic.head.weight.abs().max() <= 3e-3
+    assert isinstance(agent.actor.obs_norm, torch.nn.BatchNorm1d)
+
+
+def test_config_rejects_bad_values_by_name(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        make_config("fast")
+    with pytest.raises(ConfigError, match="steps = -1 must be positive"):
+        make_config("td3", steps=-1)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        make_config("td3", stepz=10)
+    with pytest.raises(ConfigError, match="tau"):
+        make_config("td3", tau=0.0)
+    with pytest.raises(ConfigError, match="batch_size = 'big'"):
+        make_config("td3", batch_size="big")
+    bad = tmp_path / "c.yaml"
+    bad.write_text("preset: paper\nlearnig_starts: 10\n")
+    with pytest.raises(ConfigError, match="learnig_starts"):
+        load_config(bad)
+
+
+def test_overrides_win_over_the_preset() -> None:
+    cfg = make_config("paper", batch_size=128, actor_hidden="64,64")
+    assert cfg.batch_size == 128 and cfg.actor_hidden == (64, 64)
+    assert cfg.tau == 1e-3  # the rest still from the preset
+    assert TrainConfig().preset == "td3"
+    assert copy.deepcopy(cfg) == cfg

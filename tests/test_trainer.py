@@ -1,0 +1,179 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from training.config import ConfigError, make_config
+from training.metrics import read_csv
+from training.trainer import Trainer, resume_config, train
+
+EVAL_KEYS = {
+    "env",
+    "preset",
+    "steps",
+    "eval_return_mean",
+    "eval_return_std",
+    "episodes",
+    "wall_s",
+    "steps_per_s",
+}
+
+
+def _ckpt(run: Path) -> dict[str, Any]:
+    return torch.load(run / "checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("preset", ["paper", "td3"])
+def test_smoke_run_updates_and_writes_run_dir(preset: str, tiny_overrides: dict[str, Any]) -> None:
+    cfg = make_config(preset, **tiny_overrides)
+    summary = train(cfg, progress=False)
+    run = Path(tiny_overrides["out"])
+    expected_updates = cfg.steps - cfg.learning_starts + 1
+    assert summary["updates"] == expected_updates > 0
+    assert _ckpt(run)["agent"]["updates"] == expected_updates
+    saved = json.loads((run / "eval.json").read_text())
+    assert set(saved) >= EVAL_KEYS and saved["steps"] == 600 and saved["episodes"] == 2
+    assert isinstance(saved["eval_return_mean"], float)
+    for name in ("config.yaml", "train.csv", "eval.csv", "episodes.csv", "learning_curve.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    train_rows = read_csv(run / "train.csv")
+    assert [r["step"] for r in train_rows] == [100, 200, 300, 400, 500, 600]
+    assert train_rows[-1]["updates"] == expected_updates
+    assert [r["step"] for r in read_csv(run / "eval.csv")] == [300, 600]  # no duplicate final row
+    episodes = read_csv(run / "episodes.csv")
+    assert [r["length"] for r in episodes] == [200, 200, 200]  # Pendulum truncates at 200
+
+
+def test_same_seed_gives_identical_runs(tmp_path: Path, tiny_overrides: dict[str, Any]) -> None:
+    results = []
+    for name in ("a", "b"):
+        cfg = make_config("td3", **{**tiny_overrides, "out": str(tmp_path / name)})
+        summary = train(cfg, progress=False)
+        results.append(
+            (summary, _ckpt(tmp_path / name)["agent"], read_csv(tmp_path / name / "train.csv"))
+        )
+    (sa, agent_a, rows_a), (sb, agent_b, rows_b) = results
+    assert sa["eval_returns"] == sb["eval_returns"]
+    for net in ("actor", "critic", "actor_target", "critic_target"):
+        for k in agent_a[net]:
+            assert torch.equal(agent_a[net][k], agent_b[net][k]), (net, k)
+    assert [str(r["critic_loss"]) for r in rows_a] == [str(r["critic_loss"]) for r in rows_b]
+    other = make_config("td3", **{**tiny_overrides, "out": str(tmp_path / "c"), "seed": 1})
+    assert train(other, progress=False)["eval_returns"] != sa["eval_returns"]
+
+
+def test_resume_continues_from_checkpoint(tiny_overrides: dict[str, Any]) -> None:
+    run = Path(tiny_overrides["out"])
+    cfg = make_config("paper", **{**tiny_overrides, "steps": 400, "save_replay": True})
+    train(cfg, progress=False)
+    first = _ckpt(run)
+    assert first["step"] == 400 and (run / "replay.pt").exists()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(cfg, progress=False)
+    trainer = Trainer(resume_config(run, steps=700), resume=True, progress=False)
+    assert trainer.step == 400 and len(trainer.replay) == 400
+    assert trainer.agent.updates == first["agent"]["updates"]
+    assert trainer.noise.state_dict() == first["noise"]
+    for k, v in first["agent"]["actor"].items():
+        assert torch.equal(trainer.agent.actor.state_dict()[k], v)
+    summary = trainer.run()
+    trainer.close()
+    assert summary["steps"] == 700
+    assert summary["updates"] == first["agent"]["updates"] + 300
+    assert [r["step"] for r in read_csv(run / "train.csv")][-3:] == [500, 600, 700]
+    assert "steps: 700" in (run / "config.yaml").read_text()
+
+
+def _ddpg(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "control_node", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--env", "NoSuchEnv-v0"], "unknown environment 'NoSuchEnv-v0'"),
+        (["--env", "CartPole-v1"], "Discrete action space"),
+        (["--steps", "-10"], "steps = -10 must be positive"),
+        (["--preset", "fast"], "invalid choice: 'fast'"),
+        (["--tau", "abc"], "tau = 'abc' is not a valid float"),
+    ],
+)
+def test_bad_input_stops_with_one_line_before_any_work(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    proc = _ddpg("train", "--env", "Pendulum-v1", *args, "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_cli_train_json_and_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    common = [
+        "--learning-starts",
+        "100",
+        "--eval-every",
+        "0",
+        "--eval-episodes",
+        "1",
+        "--batch-size",
+        "16",
+        "--actor-hidden",
+        "16,16",
+        "--critic-hidden",
+        "16,16",
+        "--no-progress",
+    ]
+    proc = _ddpg(
+        "train",
+        "--env",
+        "Pendulum-v1",
+        "--steps",
+        "300",
+        "--out",
+        str(out),
+        "--json",
+        *common,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["steps"] == 300
+    proc = _ddpg(
+        "train", "--resume", str(out), "--steps", "400", "--json", "--no-progress", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["steps"] == 400
+    proc = _ddpg("train", "--resume", str(out), "--tau", "0.1", cwd=tmp_path)
+    assert proc.returncode == 2 and "cannot change --tau" in proc.stderr
+
+
+def test_help_documents_every_flag_with_default() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "control_node", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    from dataclasses import fields
+
+    from training.config import TrainConfig
+
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    assert text.count("(default:") >= len(fields(TrainConfig))
+    assert "td3: 256,256, paper: 400,300" in text
