@@ -9,6 +9,7 @@ a host synchronisation, so the trainer does that only when it logs.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,49 @@ def _flatten(module: nn.Module) -> tuple[torch.Tensor, int]:
         owner._buffers[name] = flat[offset : offset + b.numel()].view_as(b)
         offset += b.numel()
     return flat, n_params
+
+
+def _numpy_actor(actor: Actor) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The actor's eval-mode forward pass for one observation, in numpy on views of its CPU
+    parameters (they follow in-place updates: optimiser steps, ``load_state_dict``).
+
+    Acting happens once per environment step; at batch 1 torch's per-op dispatch costs about
+    ten times this. None when the actor is not on the CPU or has layers this does not mirror.
+    """
+    if actor.action_scale.device.type != "cpu":
+        return None
+    norm = actor.obs_norm
+    if not isinstance(norm, nn.BatchNorm1d | nn.Identity):
+        return None
+    steps: list[tuple[np.ndarray, np.ndarray] | None] = []  # (W^T, b) for a linear, None: ReLU
+    for m in actor.body:
+        if isinstance(m, nn.Linear):
+            steps.append((m.weight.detach().numpy().T, m.bias.detach().numpy()))
+        elif isinstance(m, nn.ReLU):
+            steps.append(None)
+        else:
+            return None
+    head_w, head_b = actor.head.weight.detach().numpy().T, actor.head.bias.detach().numpy()
+    scale, bias = actor.action_scale.numpy(), actor.action_bias.numpy()
+    if isinstance(norm, nn.BatchNorm1d):
+        assert norm.running_mean is not None and norm.running_var is not None
+        mean, var = norm.running_mean.numpy(), norm.running_var.numpy()
+        gain, shift = norm.weight.detach().numpy(), norm.bias.detach().numpy()
+        eps = np.float32(norm.eps)
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        x = np.asarray(obs, dtype=np.float32)
+        if isinstance(norm, nn.BatchNorm1d):
+            x = (x - mean) / np.sqrt(var + eps) * gain + shift
+        for step in steps:
+            if step is None:
+                np.maximum(x, 0.0, out=x)
+            else:
+                x = x @ step[0]
+                x += step[1]
+        return np.tanh(x @ head_w + head_b) * scale + bias
+
+    return act
 
 
 class _FlatAdam:
@@ -137,9 +181,13 @@ class DDPGAgent:
             self._critic_step = torch.compile(self._critic_loss)
             self._actor_step = torch.compile(self._actor_loss_fn)
 
+        self._numpy_act = _numpy_actor(self.actor)
+
     # -- acting -------------------------------------------------------------------------------
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Deterministic action in environment units for one observation (eval mode)."""
+        if self._numpy_act is not None:
+            return self._numpy_act(obs)
         self.actor.eval()
         with torch.inference_mode():
             x = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)

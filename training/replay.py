@@ -22,6 +22,7 @@ class Batch(NamedTuple):
 
 
 _FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
+_BATCH_FIELDS = Batch._fields
 
 
 class ReplayBuffer:
@@ -99,14 +100,9 @@ class ReplayBuffer:
         if self.size == 0:
             raise ValueError("cannot sample from an empty replay buffer")
         idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=generator)
+        # index_select: the same rows as d[idx] with less per-call overhead than advanced indexing.
         d = self.data
-        return Batch(
-            d["obs"][idx],
-            d["action"][idx],
-            d["reward"][idx],
-            d["next_obs"][idx],
-            d["terminated"][idx],
-        )
+        return Batch(*(torch.index_select(d[k], 0, idx) for k in _BATCH_FIELDS))
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         """The filled part only, on the CPU, for a checkpoint."""
