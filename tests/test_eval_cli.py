@@ -38,8 +38,13 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         actor_hidden=(32, 32),
         critic_hidden=(32, 32),
         out=str(out),
+        threads=1,  # tiny networks: a second intra-op thread only adds contention
     )
-    train(cfg, progress=False)
+    threads = torch.get_num_threads()
+    try:
+        train(cfg, progress=False)
+    finally:
+        torch.set_num_threads(threads)  # the trainer sets it process-wide
     return out
 
 
