@@ -48,7 +48,8 @@ def build_actor(seed: int) -> Actor:
     return actor.eval()
 
 
-def backends(actor: Actor, path: Path) -> dict[str, Fn]:
+def backends(actor: Actor, path: Path) -> dict[str, tuple[Fn, int]]:
+    """name -> (one call, torch intra-op threads to set before its rounds)."""
     default = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     tuned = OnnxPolicy(path)
 
@@ -60,17 +61,22 @@ def backends(actor: Actor, path: Path) -> dict[str, Fn]:
             x = torch.from_numpy(obs)
             return actor(x.unsqueeze(0) if x.ndim == 1 else x).numpy()
 
+    n = torch.get_num_threads()
     return {
-        "onnxruntime default": ort_default,
-        "onnxruntime tuned": tuned,
-        "torch eager": torch_eager,
+        "onnxruntime default": (ort_default, n),
+        "onnxruntime tuned": (tuned, n),
+        f"torch eager ({n} thr)": (torch_eager, n),
+        "torch eager (1 thr)": (torch_eager, 1),
     }
 
 
-def latency(fns: dict[str, Fn], obs: np.ndarray, calls: int, warmup: int, rounds: int) -> dict:
+def latency(
+    fns: dict[str, tuple[Fn, int]], obs: np.ndarray, calls: int, warmup: int, rounds: int
+) -> dict:
     """Per-call wall time in µs; ``calls`` timed calls per backend, rotated in ``rounds``."""
     times: dict[str, list[np.ndarray]] = {name: [] for name in fns}
-    for fn in fns.values():
+    for fn, threads in fns.values():
+        torch.set_num_threads(threads)
         for i in range(warmup):
             fn(obs[i % len(obs)])
     per_round = calls // rounds
@@ -78,7 +84,8 @@ def latency(fns: dict[str, Fn], obs: np.ndarray, calls: int, warmup: int, rounds
     for r in range(rounds):
         order = list(fns.items())
         order = order[r % len(order) :] + order[: r % len(order)]
-        for name, fn in order:
+        for name, (fn, threads) in order:
+            torch.set_num_threads(threads)
             t = np.empty(per_round, dtype=np.int64)
             gc.disable()
             for i in range(per_round):
@@ -102,11 +109,12 @@ def latency(fns: dict[str, Fn], obs: np.ndarray, calls: int, warmup: int, rounds
     return out
 
 
-def throughput(fns: dict[str, Fn], obs: np.ndarray, batch: int, calls: int) -> dict:
+def throughput(fns: dict[str, tuple[Fn, int]], obs: np.ndarray, batch: int, calls: int) -> dict:
     """Observations per second at batch size ``batch`` (median call time over ``calls``)."""
     out = {}
     x = np.ascontiguousarray(obs[:batch])
-    for name, fn in fns.items():
+    for name, (fn, threads) in fns.items():
+        torch.set_num_threads(threads)
         for _ in range(50):
             fn(x)
         t = np.empty(calls)
@@ -120,13 +128,13 @@ def throughput(fns: dict[str, Fn], obs: np.ndarray, batch: int, calls: int) -> d
 
 
 def table(lat: dict, thr: dict) -> str:
-    head = f"{'backend':<22}{'p50 µs':>9}{'p99 µs':>9}{'p99.9 µs':>10}{'max µs':>10}"
+    head = f"{'backend':<21}{'p50 µs':>9}{'p99 µs':>9}{'p99.9 µs':>10}{'max µs':>10}"
     head += f"{'b64 µs':>10}{'b64 obs/s':>12}"
     lines = [head, "-" * len(head)]
     for name, s in lat.items():
         b = thr[name]
         lines.append(
-            f"{name:<22}{s['p50_us']:>9.1f}{s['p99_us']:>9.1f}{s['p99.9_us']:>10.1f}"
+            f"{name:<21}{s['p50_us']:>9.1f}{s['p99_us']:>9.1f}{s['p99.9_us']:>10.1f}"
             f"{s['max_us']:>10.0f}{b['median_us']:>10.1f}{b['obs_per_s']:>12,.0f}"
         )
     return "\n".join(lines)
@@ -138,7 +146,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2_000, help="untimed calls per backend")
     parser.add_argument("--rounds", type=int, default=10, help="rotations through the backends")
     parser.add_argument("--batch", type=int, default=64, help="batch size for throughput")
-    parser.add_argument("--batch-calls", type=int, default=2_000)
+    parser.add_argument(
+        "--batch-calls", type=int, default=500, help="timed batch calls per backend"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--out",
@@ -163,13 +173,15 @@ def main() -> int:
             seed=args.seed,
             eval_seed=args.seed + 10_000,
         )
+        torch_threads = torch.get_num_threads()
         fns = backends(actor, path)
         load_before = os.getloadavg()
         lat = latency(fns, obs, args.calls, args.warmup, args.rounds)
         thr = throughput(fns, obs, args.batch, args.batch_calls)
         load_after = os.getloadavg()
 
-    tuned, eager = lat["onnxruntime tuned"], lat["torch eager"]
+    tuned = lat["onnxruntime tuned"]
+    eager = lat[f"torch eager ({torch_threads} thr)"]
     speedup = eager["p50_us"] / tuned["p50_us"]
     targets = {
         "tuned_p50_le_10us": tuned["p50_us"] <= 10.0,
@@ -192,7 +204,7 @@ def main() -> int:
             "python": platform.python_version(),
             "onnxruntime": ort.__version__,
             "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
+            "torch_default_threads": torch_threads,
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

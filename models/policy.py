@@ -389,17 +389,19 @@ class OnnxPolicy:
         except Exception as e:
             raise PolicyError(f"{source}: fails on probe observations: {e}") from None
         _check_outputs(actions, meta, source)
-        # Batch-1 fast path: buffers bound once; a call copies in, runs, copies out.
+        # Batch-1 fast path: buffers bound once; a call copies in, runs, copies out (views and
+        # the bound method are looked up here, not per call: each lookup costs ~0.3 µs).
         self._obs1 = np.zeros((1, *meta.obs_shape), dtype=np.float32)
         self._act1 = np.zeros((1, self.act_dim), dtype=np.float32)
-        self._binding = self.session.io_binding()
+        self._obs1_view, self._act1_view = self._obs1[0], self._act1[0]
+        self._binding: ort.IOBinding | None = None
         if self.provider == "CPUExecutionProvider":
+            self._binding = self.session.io_binding()
             self._binding.bind_cpu_input(INPUT_NAME, self._obs1)
             self._binding.bind_output(
                 OUTPUT_NAME, "cpu", 0, np.float32, self._act1.shape, self._act1.ctypes.data
             )
-        else:
-            self._binding = None
+        self._run_bound = self.session.run_with_iobinding
 
     @property
     def model_id(self) -> str:
@@ -413,10 +415,10 @@ class OnnxPolicy:
         if obs.shape == self.obs_shape:
             if self._binding is None:
                 return self._run_batch(obs[None])[0]
-            np.copyto(self._obs1[0], obs)
-            self.session.run_with_iobinding(self._binding)
-            return self._act1[0].copy()
-        if obs.shape[1:] == self.obs_shape and obs.ndim == len(self.obs_shape) + 1:
+            self._obs1_view[...] = obs
+            self._run_bound(self._binding)
+            return self._act1_view.copy()
+        if obs.ndim == len(self.obs_shape) + 1 and obs.shape[1:] == self.obs_shape:
             return self._run_batch(np.ascontiguousarray(obs))
         raise PolicyError(
             f"observation of shape {obs.shape}; this policy takes {self.obs_shape} or "
