@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import torch
 
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.export import export_actor
 from models.networks import Actor
-from models.policy import OnnxPolicy
+from models.policy import OnnxPolicy, session_options
 
 OBS_DIM, ACT_DIM = 17, 6  # HalfCheetah-v5
 Fn = Callable[[np.ndarray], np.ndarray]
@@ -61,13 +63,58 @@ def backends(actor: Actor, path: Path) -> dict[str, tuple[Fn, int]]:
             x = torch.from_numpy(obs)
             return actor(x.unsqueeze(0) if x.ndim == 1 else x).numpy()
 
+    # Floors for reading the numbers on a given CPU: onnxruntime's fixed cost per call (a
+    # one-Add graph through the same tuned, IOBound path) and the bare matmuls in numpy.
+    trivial = _trivial_policy()
+    params = {k: v.detach().numpy().copy() for k, v in actor.state_dict().items()}
+    scale = params["obs_norm.weight"] / np.sqrt(params["obs_norm.running_var"] + 1e-5)
+    shift = params["obs_norm.bias"] - params["obs_norm.running_mean"] * scale
+    w = [params[f"{k}.weight"].T.copy() for k in ("body.0", "body.2", "head")]
+    b = [params[f"{k}.bias"] for k in ("body.0", "body.2", "head")]
+
+    def numpy_mlp(obs: np.ndarray) -> np.ndarray:
+        h = np.maximum((obs * scale + shift) @ w[0] + b[0], 0.0)
+        h = np.maximum(h @ w[1] + b[1], 0.0)
+        return np.tanh(h @ w[2] + b[2]) * params["action_scale"] + params["action_bias"]
+
     n = torch.get_num_threads()
     return {
         "onnxruntime default": (ort_default, n),
         "onnxruntime tuned": (tuned, n),
         f"torch eager ({n} thr)": (torch_eager, n),
         "torch eager (1 thr)": (torch_eager, 1),
+        "floor: ort 1-op graph": (trivial, n),
+        "floor: numpy matmuls": (numpy_mlp, n),
     }
+
+
+def _trivial_policy() -> Fn:
+    """A one-node (Add) graph run the way OnnxPolicy runs the actor: its per-call overhead."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["obs", "b"], ["action"])],
+        "trivial",
+        [onnx.helper.make_tensor_value_info("obs", onnx.TensorProto.FLOAT, ["batch", OBS_DIM])],
+        [onnx.helper.make_tensor_value_info("action", onnx.TensorProto.FLOAT, ["batch", OBS_DIM])],
+        [onnx.numpy_helper.from_array(np.zeros(OBS_DIM, np.float32), "b")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    session = ort.InferenceSession(
+        model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
+    )
+    x, y = np.zeros((1, OBS_DIM), np.float32), np.zeros((1, OBS_DIM), np.float32)
+    binding = session.io_binding()
+    binding.bind_cpu_input("obs", x)
+    binding.bind_output("action", "cpu", 0, np.float32, y.shape, y.ctypes.data)
+
+    def fn(obs: np.ndarray) -> np.ndarray:
+        if obs.ndim == 2:
+            return session.run(None, {"obs": obs})[0]
+        x[0] = obs
+        session.run_with_iobinding(binding)
+        return y[0].copy()
+
+    return fn
 
 
 def latency(
