@@ -56,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--env", metavar="ENV", help="Gymnasium env id; must be the model's (default: the model's)"
     )
-    parser.add_argument("--episodes", type=int, default=10, metavar="N", help="(default: 10)")
+    parser.add_argument(
+        "--episodes", type=int, default=10, metavar="N", help="episodes to run (default: 10)"
+    )
     parser.add_argument(
         "--seed",
         type=int,
@@ -70,13 +72,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="onnxruntime execution provider (default: cpu, fastest for small MLPs)",
     )
     parser.add_argument(
-        "--video", type=Path, metavar="PATH", help="write an MP4 of the first episode"
+        "--video",
+        type=Path,
+        metavar="PATH",
+        help="write an MP4 of the first episode, rendered off-screen (MUJOCO_GL, default egl)",
     )
     parser.add_argument(
         "--video-size",
         default="640x480",
         metavar="WxH",
-        help="video frame size (default: 640x480)",
+        help="video frame size, multiples of 16 (default: 640x480)",
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON to stdout")
 
@@ -85,8 +90,8 @@ def _video_writer(path: Path, fps: float) -> Any:
     import imageio.v2 as imageio
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    # libx264 via imageio-ffmpeg; 16-pixel macro blocks need the frame size to be a multiple
-    # of 16, which the default 640x480 is.
+    # libx264 via imageio-ffmpeg (its own ffmpeg binary); frame sizes are multiples of 16, so
+    # no player-compatibility resize happens.
     return imageio.get_writer(str(path), fps=fps, codec="libx264", quality=7, macro_block_size=16)
 
 
@@ -107,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
             width, height = (int(v) for v in args.video_size.lower().split("x"))
         except ValueError:
             return fail(f"--video-size {args.video_size!r} is not WxH, e.g. 640x480")
+        if width <= 0 or height <= 0 or width % 16 or height % 16:
+            return fail(f"--video-size {args.video_size}: width and height must be multiples of 16")
         # Off-screen GL; must be chosen before MuJoCo's renderer is first imported.
         os.environ.setdefault("MUJOCO_GL", "egl")
         env_kwargs = {"render_mode": "rgb_array", "width": width, "height": height}
