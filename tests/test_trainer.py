@@ -29,7 +29,7 @@ def _ckpt(run: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("preset", ["paper", "td3"])
 def test_smoke_run_updates_and_writes_run_dir(preset: str, tiny_overrides: dict[str, Any]) -> None:
-    cfg = make_config(preset, **tiny_overrides)
+    cfg = make_config(preset, **{**tiny_overrides, "export": True})
     summary = train(cfg, progress=False)
     run = Path(tiny_overrides["out"])
     expected_updates = cfg.steps - cfg.learning_starts + 1
@@ -38,7 +38,15 @@ def test_smoke_run_updates_and_writes_run_dir(preset: str, tiny_overrides: dict[
     saved = json.loads((run / "eval.json").read_text())
     assert set(saved) >= EVAL_KEYS and saved["steps"] == 600 and saved["episodes"] == 2
     assert isinstance(saved["eval_return_mean"], float)
-    for name in ("config.yaml", "train.csv", "eval.csv", "episodes.csv", "learning_curve.png"):
+    assert saved["model"] == str(run / "actor.onnx")
+    for name in (
+        "config.yaml",
+        "train.csv",
+        "eval.csv",
+        "episodes.csv",
+        "learning_curve.png",
+        "actor.onnx",
+    ):
         assert (run / name).stat().st_size > 0, name
     assert list((run / "tb").glob("events.out.tfevents.*"))
     train_rows = read_csv(run / "train.csv")

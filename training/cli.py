@@ -76,6 +76,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         given = {k: v for k, v in overrides.items() if v is not None}
         allowed = {
             "steps",
+            "export",
             "device",
             "eval_every",
             "eval_episodes",

@@ -49,6 +49,8 @@ class TrainConfig:
     """Write a checkpoint every N steps (and always at the end); 0 means only at the end."""
     save_replay: bool = False
     """Put the replay buffer in the checkpoint, so a resumed run continues with the same data."""
+    export: bool = True
+    """Export the actor to RUN_DIR/actor.onnx at the end (parity-checked against the torch actor)."""
     log_every: int = 1_000
     """Write training metrics (losses, Q, steps/s) every N steps."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -233,10 +234,18 @@ class Trainer:
             "device": str(self.device),
             "run_dir": str(self.run_dir),
         }
-        (self.run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.metrics.close()
         plot_learning_curve(self.run_dir, f"{cfg.env} · {cfg.preset} · seed {cfg.seed}")
+        if cfg.export:
+            from training.export_cli import export_run
+
+            summary["model"] = str(export_run(self.run_dir, log=self._log))
+        (self.run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _log(self, line: str) -> None:
+        if self.progress:
+            print(line, file=sys.stderr)
 
     def _progress_bar(self) -> Any:
         if not self.progress:
