@@ -202,12 +202,12 @@ class DDPGAgent:
         with torch.no_grad():
             next_action = self.actor_target.normalized(batch.next_obs)
             if cfg.policy_noise > 0:
-                noise = (torch.randn_like(next_action) * cfg.policy_noise).clamp(
-                    -cfg.noise_clip, cfg.noise_clip
-                )
-                next_action = (next_action + noise).clamp(-1.0, 1.0)
+                noise = torch.randn_like(next_action).mul_(cfg.policy_noise)
+                next_action = next_action.add_(noise.clamp_(-cfg.noise_clip, cfg.noise_clip))
+                next_action = next_action.clamp_(-1.0, 1.0)
             next_q = self.critic_target(batch.next_obs, next_action).min(dim=0).values
-            target = batch.reward + cfg.gamma * (1.0 - batch.terminated) * next_q
+            # reward + gamma * (1 - terminated) * next_q, in two ops instead of four.
+            target = torch.addcmul(batch.reward, 1.0 - batch.terminated, next_q, value=cfg.gamma)
         q = self.critic(batch.obs, action)
         loss = (q - target).pow(2).mean(dim=1).sum()
         return loss, q[0].mean().detach()
