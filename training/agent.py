@@ -103,11 +103,35 @@ class _FlatAdam:
         self.param = param
         param.grad = torch.zeros_like(param)
         self.opt = torch.optim.Adam([param], lr=lr, weight_decay=weight_decay, fused=True)
-        self.opt.state[param] = {
-            "step": torch.zeros((), dtype=torch.float32, device=param.device),
-            "exp_avg": torch.zeros_like(param),
-            "exp_avg_sq": torch.zeros_like(param),
+        self._zero_state()
+
+    def _zero_state(self) -> None:
+        p = self.param
+        self.opt.state[p] = {
+            "step": torch.zeros((), dtype=torch.float32, device=p.device),
+            "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": torch.zeros_like(p),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Also reads a checkpoint from before the flat buffer: one Adam entry per tensor, in
+        ``module.parameters()`` order, which is the flat buffer's order."""
+        group, ids = state["param_groups"][0], state["param_groups"][0]["params"]
+        if len(ids) > 1:
+            old, flat = state["state"], {}
+            if old:
+                flat[0] = {
+                    "step": old[ids[0]]["step"],
+                    "exp_avg": torch.cat([old[i]["exp_avg"].reshape(-1) for i in ids]),
+                    "exp_avg_sq": torch.cat([old[i]["exp_avg_sq"].reshape(-1) for i in ids]),
+                }
+            state = {"state": flat, "param_groups": [{**group, "params": [0]}]}
+        self.opt.load_state_dict(state)
+        if self.param not in self.opt.state:  # saved before the first step
+            self._zero_state()
 
     def step(self) -> None:
         group, state = self.opt.param_groups[0], self.opt.state[self.param]
@@ -240,8 +264,8 @@ class DDPGAgent:
             "critic": self.critic.state_dict(),
             "actor_target": self.actor_target.state_dict(),
             "critic_target": self.critic_target.state_dict(),
-            "actor_opt": self.actor_opt.opt.state_dict(),
-            "critic_opt": self.critic_opt.opt.state_dict(),
+            "actor_opt": self.actor_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
             "updates": self.updates,
         }
 
@@ -250,6 +274,6 @@ class DDPGAgent:
         self.critic.load_state_dict(state["critic"])
         self.actor_target.load_state_dict(state["actor_target"])
         self.critic_target.load_state_dict(state["critic_target"])
-        self.actor_opt.opt.load_state_dict(state["actor_opt"])
-        self.critic_opt.opt.load_state_dict(state["critic_opt"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
         self.updates = int(state["updates"])
