@@ -204,8 +204,7 @@ class DDPGAgent:
         if cfg.compile:
             self._critic_step = torch.compile(self._critic_loss)
             self._actor_step = torch.compile(self._actor_loss_fn)
-
-        self._numpy_act = _numpy_actor(self.actor)
+        self._numpy_act = _numpy_actor(self.actor)  # after _flatten: views of the final storage
 
     # -- acting -------------------------------------------------------------------------------
     def act(self, obs: np.ndarray) -> np.ndarray:
