@@ -25,6 +25,5 @@ def tiny_overrides(tmp_path: Path) -> dict[str, Any]:
         "actor_hidden": (32, 32),
         "critic_hidden": (32, 32),
         "export": False,  # export is tested in test_export and the smoke run
-        "threads": 1,  # tiny networks: a second OpenMP thread only adds synchronisation
         "out": str(tmp_path / "run"),
     }
