@@ -168,9 +168,13 @@ def export_actor(
             policy = OnnxPolicy(tmp)
         except PolicyError as e:
             raise ExportError(f"exported model fails the runtime checks: {e}") from None
-        obs = probe_observations(meta, probes, seed=1)
+        # The reference is the torch actor evaluated in float64: float32 GEMMs in torch and
+        # onnxruntime sum in different orders, and each alone is a few 1e-6 off the exact
+        # policy; comparing against the exact one keeps the 1e-5 bound about the export.
+        obs = probe_observations(meta, probes, seed=1, wide=False)
         with torch.no_grad():
-            expected = module(torch.from_numpy(obs)).numpy()
+            exact = copy.deepcopy(module).double()
+            expected = exact(torch.from_numpy(obs).double()).numpy()
         got = policy(obs)
         diff = float(np.max(np.abs(got - expected)))
         single = float(np.max(np.abs(policy(obs[0]) - expected[0])))

@@ -278,12 +278,13 @@ def _check_expected(meta: ActorMetadata, expect: SpecLike, source: str) -> None:
         )
 
 
-def probe_observations(meta: ActorMetadata, n: int, seed: int = 0) -> np.ndarray:
-    """Deterministic probe inputs: standard normal, a quarter of them scaled by 10, clipped to
-    the observation bounds where those are finite."""
+def probe_observations(meta: ActorMetadata, n: int, seed: int = 0, wide: bool = True) -> np.ndarray:
+    """Deterministic probe inputs: standard normal (with ``wide``, a quarter of them scaled by 10
+    to reach saturation), clipped to the observation bounds where those are finite."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, *meta.obs_shape)).astype(np.float32)
-    x[: n // 4] *= 10.0
+    if wide:
+        x[: n // 4] *= 10.0
     low, high = meta.obs_low.reshape(meta.obs_shape), meta.obs_high.reshape(meta.obs_shape)
     return np.clip(x, low, high).astype(np.float32)
 

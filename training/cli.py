@@ -139,4 +139,4 @@ def run(args: argparse.Namespace) -> int:
             f"({summary['steps_per_s']:.0f} steps/s); eval return {shown} over "
             f"{summary['episodes']} episodes; run in {trainer.run_dir}"
         )
-    return 0
+    return 1 if summary.get("export_error") else 0

@@ -237,11 +237,24 @@ class Trainer:
         self.metrics.close()
         plot_learning_curve(self.run_dir, f"{cfg.env} · {cfg.preset} · seed {cfg.seed}")
         if cfg.export:
-            from training.export_cli import export_run
-
-            summary["model"] = str(export_run(self.run_dir, log=self._log))
+            summary.update(self._export())
         (self.run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _export(self) -> dict[str, str | None]:
+        """Export actor.onnx; a failed export is reported, and the run stays intact."""
+        from models.export import ExportError
+        from training.export_cli import export_run
+
+        try:
+            return {"model": str(export_run(self.run_dir, log=self._log))}
+        except ExportError as e:
+            print(
+                f"ddpg train: export failed: {e}; the run is intact, retry with "
+                f"`ddpg export {self.run_dir}`",
+                file=sys.stderr,
+            )
+            return {"model": None, "export_error": str(e)}
 
     def _log(self, line: str) -> None:
         if self.progress:
