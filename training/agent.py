@@ -117,18 +117,6 @@ class _FlatAdam:
         return self.opt.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Also reads a checkpoint from before the flat buffer: one Adam entry per tensor, in
-        ``module.parameters()`` order, which is the flat buffer's order."""
-        group, ids = state["param_groups"][0], state["param_groups"][0]["params"]
-        if len(ids) > 1:
-            old, flat = state["state"], {}
-            if old:
-                flat[0] = {
-                    "step": old[ids[0]]["step"],
-                    "exp_avg": torch.cat([old[i]["exp_avg"].reshape(-1) for i in ids]),
-                    "exp_avg_sq": torch.cat([old[i]["exp_avg_sq"].reshape(-1) for i in ids]),
-                }
-            state = {"state": flat, "param_groups": [{**group, "params": [0]}]}
         self.opt.load_state_dict(state)
         if self.param not in self.opt.state:  # saved before the first step
             self._zero_state()
