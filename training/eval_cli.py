@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 
 EXAMPLES = """\
 examples:
@@ -169,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         for i, (ret, length) in enumerate(zip(result.returns, result.lengths, strict=True)):
             print(f"episode {i:3d}  seed {seed + i}  return {ret:10.2f}  length {length}")
         print(
-            f"{env_id}: mean return {result.mean:.2f} ± {float(np.std(result.returns)):.2f} "
+            f"{env_id}: mean return {result.mean:.2f} ± {result.std:.2f} "
             f"over {args.episodes} episodes (model {meta.model_id})"
         )
         if args.video is not None:
