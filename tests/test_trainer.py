@@ -1,6 +1,8 @@
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +187,52 @@ def test_help_documents_every_flag_with_default() -> None:
         assert "--" + f.name.replace("_", "-") in text, f.name
     assert text.count("(default:") >= len(fields(TrainConfig))
     assert "td3: 256,256, paper: 400,300" in text
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--env",
+        "Pendulum-v1",
+        "--steps",
+        "1000000",
+        "--learning-starts",
+        "100",
+        "--log-every",
+        "100",
+        "--batch-size",
+        "16",
+        "--actor-hidden",
+        "16,16",
+        "--critic-hidden",
+        "16,16",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "control_node", *args],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "train.csv").exists() or len(read_csv(out / "train.csv")) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert f"ddpg train --resume {out}" in stderr
+    step = _ckpt(out)["step"]
+    assert step >= 300 and _ckpt(out)["agent"]["updates"] == step - 100 + 1
+    trainer = Trainer(
+        resume_config(out, steps=step + 50, eval_episodes=0, export=False),
+        resume=True,
+        progress=False,
+    )
+    assert trainer.run()["steps"] == step + 50
+    trainer.close()

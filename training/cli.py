@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -106,6 +107,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return make_config(preset, **merged)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler stopping the job) ends the run like Ctrl-C: with a checkpoint."""
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     from sim_bridge.envs import EnvError
 
@@ -117,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, EnvError) as e:
         print(f"ddpg train: error: {e}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = trainer.run()
     except KeyboardInterrupt:
