@@ -25,6 +25,26 @@ EVAL_KEYS = {
 }
 
 
+# A tiny Pendulum run on the command line: past learning_starts in a second or two.
+TINY_CLI = [
+    "--env",
+    "Pendulum-v1",
+    "--learning-starts",
+    "100",
+    "--log-every",
+    "100",
+    "--batch-size",
+    "16",
+    "--actor-hidden",
+    "16,16",
+    "--critic-hidden",
+    "16,16",
+    "--eval-every",
+    "0",
+    "--no-progress",
+]
+
+
 def _ckpt(run: Path) -> dict[str, Any]:
     return torch.load(run / "checkpoint.pt", weights_only=True)
 
@@ -132,31 +152,17 @@ def test_bad_input_stops_with_one_line_before_any_work(
 
 def test_cli_train_json_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    common = [
-        "--learning-starts",
-        "100",
-        "--eval-every",
-        "0",
-        "--eval-episodes",
-        "1",
-        "--batch-size",
-        "16",
-        "--actor-hidden",
-        "16,16",
-        "--critic-hidden",
-        "16,16",
-        "--no-progress",
-    ]
     proc = _ddpg(
         "train",
-        "--env",
-        "Pendulum-v1",
+        *TINY_CLI,
+        "--eval-episodes",
+        "1",
+        "--no-export",
         "--steps",
         "300",
         "--out",
         str(out),
         "--json",
-        *common,
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -191,28 +197,7 @@ def test_help_documents_every_flag_with_default() -> None:
 
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = [
-        "train",
-        "--env",
-        "Pendulum-v1",
-        "--steps",
-        "1000000",
-        "--learning-starts",
-        "100",
-        "--log-every",
-        "100",
-        "--batch-size",
-        "16",
-        "--actor-hidden",
-        "16,16",
-        "--critic-hidden",
-        "16,16",
-        "--eval-every",
-        "0",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
+    args = ["train", *TINY_CLI, "--steps", "1000000", "--out", str(out)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "control_node", *args],
         cwd=tmp_path,
