@@ -107,11 +107,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return make_config(preset, **merged)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM (a scheduler stopping the job) ends the run like Ctrl-C: with a checkpoint."""
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     from sim_bridge.envs import EnvError
 
@@ -123,19 +118,20 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, EnvError) as e:
         print(f"ddpg train: error: {e}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C, or SIGTERM from a scheduler: finish the step, checkpoint, say how to resume.
+    signal.signal(signal.SIGINT, trainer.request_stop)
+    signal.signal(signal.SIGTERM, trainer.request_stop)
     try:
         summary = trainer.run()
-    except KeyboardInterrupt:
-        path = trainer.save_checkpoint()
+    finally:
+        trainer.close()
+    if summary.get("interrupted"):
         print(
-            f"\ninterrupted at step {trainer.step}; checkpoint in {path}; "
+            f"\ninterrupted at step {trainer.step}; checkpoint in {trainer.run_dir / 'checkpoint.pt'}; "
             f"continue with: ddpg train --resume {trainer.run_dir}",
             file=sys.stderr,
         )
         return 130
-    finally:
-        trainer.close()
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -89,6 +89,7 @@ class Trainer:
         self.episode = 0
         self.wall_s = 0.0  # training wall time over all sessions of this run
         self.last_eval: EvalResult | None = None
+        self.stop_requested = False  # set from a signal handler; the loop ends after its step
         self._evaluated_at = -1
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -157,8 +158,13 @@ class Trainer:
         return result
 
     # -- the loop -----------------------------------------------------------------------------
+    def request_stop(self, *_: object) -> None:
+        """Finish the current step, checkpoint, and return (usable as a signal handler)."""
+        self.stop_requested = True
+
     def run(self) -> dict[str, Any]:
-        """Train up to ``cfg.steps``, then evaluate, checkpoint, and write eval.json and the PNG."""
+        """Train up to ``cfg.steps``, then evaluate, checkpoint, and write eval.json and the PNG.
+        After :meth:`request_stop` it checkpoints and returns ``{"interrupted": True, ...}``."""
         cfg, agent, replay, env = self.cfg, self.agent, self.replay, self.env
         low, high = self.spec.act_low, self.spec.act_high
         half_range = (high - low) / 2.0
@@ -172,7 +178,7 @@ class Trainer:
         t_log, step_log = t0, self.step
         bar = self._progress_bar()
         try:
-            while self.step < cfg.steps:
+            while self.step < cfg.steps and not self.stop_requested:
                 if self.step < cfg.learning_starts:
                     action = self.rng.uniform(low, high).astype(np.float32)
                 else:
@@ -213,6 +219,9 @@ class Trainer:
                 bar.close()
         session_s = time.perf_counter() - t0
         self.wall_s += session_s
+        if self.stop_requested:  # stopped between two steps: the checkpoint is consistent
+            self.save_checkpoint()
+            return {"interrupted": True, "steps": self.step, "run_dir": str(self.run_dir)}
         steps_per_s = (self.step - start_step) / session_s if session_s > 0 else float("nan")
         final = self.last_eval if self._evaluated_at == self.step else None
         if final is None and cfg.eval_episodes:
