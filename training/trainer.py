@@ -243,7 +243,6 @@ class Trainer:
             "device": str(self.device),
             "run_dir": str(self.run_dir),
         }
-        self.metrics.close()
         plot_learning_curve(self.run_dir, f"{cfg.env} · {cfg.preset} · seed {cfg.seed}")
         if cfg.export:
             summary.update(self._export())
@@ -284,6 +283,8 @@ class Trainer:
         )
 
     def close(self) -> None:
+        """Release the environments and flush TensorBoard, also after an interrupted run."""
+        self.metrics.close()
         self.env.close()
         self.eval_env.close()
 
