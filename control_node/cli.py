@@ -16,6 +16,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli", "train DDPG on a Gymnasium environment from state"),
     "export": ("training.export_cli", "export a run's actor to ONNX (checked for parity)"),
     "eval": ("training.eval_cli", "run an ONNX actor in the simulator and report returns"),
+    "serve": ("control_node.serve_cli", "serve an ONNX actor to bridges at a fixed rate, logging"),
+    "bridge": ("sim_bridge.bridge_cli", "run a Gymnasium MuJoCo environment as a robot"),
+    "launch": ("control_node.launch", "start a node and its bridges from launch.yaml"),
+    "status": ("control_node.admin_cli", "show a running node's status (--watch: live view)"),
+    "logs": ("control_node.logs_cli", "summarise a transition log directory"),
 }
 
 

@@ -257,7 +257,8 @@ def _check_io(session: ort.InferenceSession, meta: ActorMetadata, source: str) -
             )
 
 
-def _check_expected(meta: ActorMetadata, expect: SpecLike, source: str) -> None:
+def check_expected(meta: ActorMetadata, expect: SpecLike, source: str) -> None:
+    """Refuse a model exported for another environment (id, observation shape, action bounds)."""
     if meta.env_id != expect.env_id:
         raise PolicyError(
             f"{source}: model was exported for env {meta.env_id!r}, not {expect.env_id!r}"
@@ -379,7 +380,7 @@ class OnnxPolicy:
         _, self.metadata = load_checked_proto(data, source)
         meta = self.metadata
         if expect is not None:
-            _check_expected(meta, expect, source)
+            check_expected(meta, expect, source)
         self.session = _make_session(data, provider, session_options(True, threads), source)
         self.provider = self.session.get_providers()[0]
         _check_io(self.session, meta, source)

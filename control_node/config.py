@@ -1,0 +1,288 @@
+"""Typed configuration of the node, the bridges and a launch, loaded from ``launch.yaml``.
+
+Every section is a dataclass with one docstring per field; :func:`from_mapping` turns a YAML
+mapping into one, refusing unknown keys and values of the wrong type or out of range with a
+message that names the key (``node.rate_hz = -5: must be > 0``).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import itertools
+import socket
+import textwrap
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is wrong; the message names the key."""
+
+
+@dataclass
+class NodeConfig:
+    """The control node (``ddpg serve``)."""
+
+    model: str
+    """Path of the ONNX actor to serve (relative paths are relative to launch.yaml)."""
+    bind: str = "tcp://127.0.0.1:5555"
+    """Where bridges connect (ZeroMQ endpoint; loopback by default, ipc:// works too)."""
+    admin: str = "tcp://127.0.0.1:5556"
+    """Admin endpoint answering ``ddpg status`` and ``ddpg deploy``."""
+    rate_hz: float = 100.0
+    """Control rate: ticks per second, each on an absolute deadline."""
+    watchdog_ms: float = 100.0
+    """A bridge silent for longer is marked stale (it resumes when it speaks again)."""
+    safe_action: list[float] | None = None
+    """Action sent for a non-finite observation; null means zeros, clipped to the bounds."""
+    log_dir: str | None = "logs"
+    """Transition log directory (Parquet chunks); null turns logging off."""
+    chunk_seconds: float = 1.0
+    """A log chunk is committed when it is this old: the most a crash can lose."""
+    phase_margin_us: float = 150.0
+    """How long after a realtime observation arrives the tick that answers it should run."""
+    spin_us: float = 0.0
+    """Busy-wait this long before each deadline instead of sleeping (trades CPU for jitter)."""
+    provider: str = "cpu"
+    """onnxruntime execution provider: cpu, cuda or tensorrt."""
+
+    def validate(self) -> None:
+        _positive(self, "rate_hz", "watchdog_ms", "chunk_seconds")
+        _non_negative(self, "phase_margin_us", "spin_us")
+        if self.rate_hz > 10_000:
+            raise ConfigError(f"rate_hz = {self.rate_hz}: at most 10000")
+        if self.provider not in ("cpu", "cuda", "tensorrt"):
+            raise ConfigError(f"provider = {self.provider!r}: choose cpu, cuda or tensorrt")
+        for key in ("bind", "admin"):
+            _check_endpoint(key, getattr(self, key))
+        if self.bind == self.admin:
+            raise ConfigError(f"bind and admin are both {self.bind!r}; they must differ")
+        if self.phase_margin_us * 1e-6 >= 1.0 / self.rate_hz:
+            raise ConfigError(
+                f"phase_margin_us = {self.phase_margin_us}: must be shorter than one period "
+                f"({1e6 / self.rate_hz:.0f} us at {self.rate_hz} Hz)"
+            )
+
+
+@dataclass
+class BridgeConfig:
+    """One simulator bridge (``ddpg bridge``)."""
+
+    env: str = "InvertedPendulum-v5"
+    """Gymnasium environment id simulated as the robot."""
+    id: str = "sim0"
+    """Bridge id, unique per node; names the bridge in the log."""
+    node: str = "tcp://127.0.0.1:5555"
+    """The node's bridge endpoint."""
+    mode: str = "realtime"
+    """realtime: physics steps on the bridge's own clock; lockstep: waits for each action."""
+    rate_hz: float = 100.0
+    """Realtime only: environment steps per second of wall time."""
+    watchdog_ms: float = 100.0
+    """Realtime: hold the last action this long, then apply the safe action. Lockstep: wait
+    this long for an answer before re-announcing to the node."""
+    seed: int = 0
+    """Episode i resets with seed + i (as ddpg eval does)."""
+    episodes: int = 0
+    """Stop after this many episodes (0: run until stopped)."""
+    max_episode_steps: int = 0
+    """Truncate episodes at this length (0: the environment's own time limit)."""
+    restart: str = "on-failure"
+    """Launch only: restart policy when the bridge process dies: never, on-failure, always."""
+    max_restarts: int = 3
+    """Launch only: give up restarting after this many restarts."""
+
+    def validate(self) -> None:
+        if self.mode not in ("realtime", "lockstep"):
+            raise ConfigError(f"mode = {self.mode!r}: choose realtime or lockstep")
+        if self.restart not in ("never", "on-failure", "always"):
+            raise ConfigError(f"restart = {self.restart!r}: choose never, on-failure or always")
+        _positive(self, "rate_hz", "watchdog_ms")
+        _non_negative(self, "seed", "episodes", "max_episode_steps", "max_restarts")
+        if not self.id or not self.id.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"id = {self.id!r}: use letters, digits, '-' and '_'")
+        _check_endpoint("node", self.node)
+
+
+@dataclass
+class LaunchConfig:
+    """A deployment: one node and its bridges (``ddpg launch launch.yaml``)."""
+
+    node: NodeConfig
+    """The control node."""
+    bridges: list[BridgeConfig] = field(default_factory=list)
+    """Simulator bridges, each its own process; each connects to node.bind."""
+    duration_s: float = 0.0
+    """Stop after this many seconds (0: until Ctrl-C); --duration overrides it."""
+    ready_timeout_s: float = 30.0
+    """How long to wait for the node and the bridges to come up."""
+
+    def validate(self) -> None:
+        _non_negative(self, "duration_s")
+        _positive(self, "ready_timeout_s")
+        ids = [b.id for b in self.bridges]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ConfigError(f"bridges: id {dupes[0]!r} is used twice; ids must be unique")
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not value > 0:
+            raise ConfigError(f"{name} = {value!r}: must be > 0")
+
+
+def _non_negative(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not value >= 0:
+            raise ConfigError(f"{name} = {value!r}: must be >= 0")
+
+
+def _check_endpoint(key: str, address: str) -> None:
+    scheme, sep, rest = address.partition("://")
+    if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
+        raise ConfigError(
+            f"{key} = {address!r}: not a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)"
+        )
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{key} = {address!r}: expected tcp://HOST:PORT with a port number")
+
+
+def port_in_use(address: str) -> bool:
+    """Whether a tcp:// endpoint's port is already bound on this machine (False for others)."""
+    scheme, _, rest = address.partition("://")
+    if scheme != "tcp":
+        return False
+    host, _, port = rest.rpartition(":")
+    host = "0.0.0.0" if host == "*" else host
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, int(port)))
+        except OSError:
+            return True
+    return False
+
+
+def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
+    """A tcp:// endpoint on a port that was free a moment ago (for tests and benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
+
+
+# -- loading ----------------------------------------------------------------------------------
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal right after it in the class body)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _coerce(where: str, kind: Any, value: Any) -> Any:
+    """``value`` as the annotated type ``kind``, or a ConfigError naming ``where``."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(where, inner, value)
+    if dataclass_type := (kind if isinstance(kind, type) and hasattr(kind, "validate") else None):
+        return from_mapping(dataclass_type, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} = {value!r}: expected a list")
+        return [_coerce(f"{where}[{i}]", args[0], v) for i, v in enumerate(value)]
+    ok = {
+        str: isinstance(value, str),
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+    }.get(kind)
+    if ok is None:
+        raise AssertionError(f"unhandled config type {kind} at {where}")
+    if not ok:
+        raise ConfigError(f"{where} = {value!r}: expected {kind.__name__}")
+    return float(value) if kind is float else value
+
+
+def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
+    """Build and validate dataclass ``cls`` from a YAML mapping; unknown keys are refused."""
+    prefix = f"{where}." if where else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names), key=str)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; known keys: {', '.join(names)}")
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in data:
+            values[f.name] = _coerce(f"{prefix}{f.name}", hints[f.name], data[f.name])
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{prefix}{f.name}: required key is missing")
+    obj = cls(**values)
+    try:
+        obj.validate()  # type: ignore[attr-defined]
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+    return obj
+
+
+def load_launch(path: Path) -> LaunchConfig:
+    """Load ``launch.yaml``; the model path is resolved against the file's directory and must
+    exist, and the node's ports must be free."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        cfg = from_mapping(LaunchConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    model = Path(cfg.node.model)
+    if not model.is_absolute():
+        model = (path.parent / model).resolve()
+    if not model.is_file():
+        raise ConfigError(f"{path}: node.model = {cfg.node.model!r}: no such file ({model})")
+    cfg.node.model = str(model)
+    if cfg.node.log_dir is not None and not Path(cfg.node.log_dir).is_absolute():
+        cfg.node.log_dir = str((path.parent / cfg.node.log_dir).resolve())
+    for key in ("bind", "admin"):
+        address = getattr(cfg.node, key)
+        if port_in_use(address):
+            raise ConfigError(f"{path}: node.{key} = {address!r}: port is already in use")
+    for raw, b in zip(data.get("bridges") or [], cfg.bridges, strict=True):
+        if "node" not in raw:  # bridges connect to the node of this file unless told otherwise
+            b.node = cfg.node.bind
+        elif b.node != cfg.node.bind:
+            raise ConfigError(
+                f"{path}: bridges[{b.id}].node = {b.node!r} is not node.bind {cfg.node.bind!r}"
+            )
+    return cfg

@@ -1,0 +1,371 @@
+"""``ddpg launch launch.yaml``: start the node and its bridges as separate processes, watch them,
+and stop everything cleanly at the end (``--duration``) or on Ctrl-C.
+
+Order matters for exact logs: the node starts first and must answer its admin socket; then the
+bridges start and must all be live at the node. At the end the bridges stop first (each says
+goodbye to the node after its last observation), then the node commits its log and reports.
+A bridge that dies is restarted per its ``restart`` policy. Children run in their own process
+group, so Ctrl-C reaches only the launcher, which stops them in that order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from control_node.admin import AdminError, request
+from control_node.config import BridgeConfig, ConfigError, LaunchConfig, NodeConfig, load_launch
+
+EXAMPLES = """\
+examples:
+  ddpg launch launch.yaml --duration 20             # run the loop for 20 s, print the summary
+  ddpg launch launch.yaml --summary-json runs/launch.json
+"""
+STOP_TIMEOUT_S = 10.0
+
+
+class LaunchError(RuntimeError):
+    """A process did not come up or died; the message says which and why."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXAMPLES
+    parser.add_argument("launch_file", type=Path, metavar="LAUNCH.yaml")
+    parser.add_argument(
+        "--duration", type=float, metavar="S", help="stop after S seconds (default: the file's)"
+    )
+    parser.add_argument("--summary-json", type=Path, metavar="PATH", help="write the summary")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no periodic status lines while it runs"
+    )
+
+
+def _flags(cfg: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """A config dataclass as command-line flags for the process that takes it."""
+    out: list[str] = []
+    for f in fields(cfg):
+        if f.name in skip:
+            continue
+        value = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if value is None:
+            if f.name == "log_dir":
+                out += [flag, "none"]
+            continue
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        out += [flag, str(value)]
+    return out
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[str] | None = None
+    restarts: int = 0
+    outputs: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=None,  # the children's log lines go to our stderr
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")},
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, wait, SIGKILL if it hangs; keep its stdout."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        self.outputs.append(out or "")
+        return self.proc.returncode
+
+    def collect(self) -> None:
+        """Take the output of a process that has exited by itself."""
+        if self.proc is not None:
+            out, _ = self.proc.communicate()
+            self.outputs.append(out or "")
+
+
+def _last_json(text: str) -> dict[str, Any] | None:
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        data = json.loads(text[start:])
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class Launcher:
+    def __init__(self, cfg: LaunchConfig, quiet: bool = False) -> None:
+        self.cfg, self.quiet = cfg, quiet
+        py = [sys.executable, "-m", "control_node"]
+        self.node = Child("node", [*py, "serve", *_flags(cfg.node), "--json"])
+        self.bridges = [
+            Child(
+                f"bridge {b.id}",
+                [*py, "bridge", *_flags(b, skip=("restart", "max_restarts")), "--json"],
+            )
+            for b in cfg.bridges
+        ]
+        self._stop = False
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def _say(self, line: str) -> None:
+        print(f"ddpg launch: {line}", file=sys.stderr, flush=True)
+
+    def _status(self) -> dict[str, Any]:
+        return request(self.cfg.node.admin, "status", timeout_s=1.0)["status"]
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.cfg.ready_timeout_s
+        want = {b.id for b in self.cfg.bridges}
+        while True:
+            if not self.node.alive():
+                raise LaunchError("the node exited while starting (its error is above)")
+            try:
+                status = self._status()
+                live = {b["id"] for b in status["bridges"] if b["state"] == "live"}
+                if want <= live:
+                    return
+            except AdminError:
+                live = set()
+            for child, b in zip(self.bridges, self.cfg.bridges, strict=True):
+                if child.proc is not None and not child.alive() and child.proc.returncode != 0:
+                    raise LaunchError(
+                        f"bridge {b.id} exited with code {child.proc.returncode} while starting "
+                        "(its error is above)"
+                    )
+            if time.monotonic() > deadline:
+                missing = sorted(want - live)
+                what = f"bridges {missing} did not connect" if live or want else "node"
+                raise LaunchError(f"not ready after {self.cfg.ready_timeout_s:g} s: {what}")
+            time.sleep(0.05)
+
+    def _start(self) -> None:
+        self.node.start()
+        deadline = time.monotonic() + self.cfg.ready_timeout_s
+        while True:  # the node first: its admin socket answers once it is serving
+            if not self.node.alive():
+                raise LaunchError("the node exited while starting (its error is above)")
+            try:
+                self._status()
+                break
+            except AdminError:
+                if time.monotonic() > deadline:
+                    raise LaunchError(
+                        f"the node did not answer on {self.cfg.node.admin} within "
+                        f"{self.cfg.ready_timeout_s:g} s"
+                    ) from None
+        for child in self.bridges:
+            child.start()
+        self._wait_ready()
+
+    def _supervise(self, child: Child, bcfg: BridgeConfig) -> None:
+        """Restart a bridge that exited, per its policy."""
+        assert child.proc is not None
+        code = child.proc.returncode
+        child.collect()
+        finished = code == 0 and bcfg.episodes > 0  # it ran its episodes: done, not dead
+        wanted = bcfg.restart == "always" or (bcfg.restart == "on-failure" and code != 0)
+        if finished or not wanted:
+            if code != 0:
+                self._say(
+                    f"bridge {bcfg.id} exited with code {code}; restart policy {bcfg.restart}"
+                )
+            child.proc = None if not finished else child.proc
+            return
+        if child.restarts >= bcfg.max_restarts:
+            self._say(
+                f"bridge {bcfg.id} exited with code {code}; {bcfg.max_restarts} restarts used"
+            )
+            child.proc = None
+            return
+        child.restarts += 1
+        self._say(f"bridge {bcfg.id} exited with code {code}; restart {child.restarts}")
+        child.start()
+
+    def run(self, duration_s: float | None) -> dict[str, Any]:
+        start = time.monotonic()
+        try:
+            self._start()
+            self._say(
+                f"node and {len(self.bridges)} bridge(s) running"
+                + (f" for {duration_s:g} s" if duration_s else "; Ctrl-C stops")
+            )
+            end = start + duration_s if duration_s else None
+            next_report = time.monotonic() + 5.0
+            while not self._stop and (end is None or time.monotonic() < end):
+                time.sleep(0.05)
+                if not self.node.alive():
+                    raise LaunchError(f"the node exited with code {self.node.proc.returncode}")  # type: ignore[union-attr]
+                for child, bcfg in zip(self.bridges, self.cfg.bridges, strict=True):
+                    if (
+                        child.proc is not None
+                        and child.proc.returncode is None
+                        and not child.alive()
+                    ):
+                        self._supervise(child, bcfg)
+                if (
+                    all(c.proc is None or c.proc.returncode == 0 for c in self.bridges)
+                    and all(b.episodes > 0 for b in self.cfg.bridges)
+                    and self.bridges
+                ):
+                    break  # every bridge ran its episodes
+                if not self.quiet and time.monotonic() >= next_report:
+                    next_report += 5.0
+                    try:
+                        from control_node.node import summary_line
+
+                        self._say(summary_line(self._status()))
+                    except AdminError:
+                        pass
+            return self._finish(time.monotonic() - start, error=None)
+        except LaunchError as e:
+            return self._finish(time.monotonic() - start, error=str(e))
+
+    def _finish(self, wall_s: float, error: str | None) -> dict[str, Any]:
+        bridge_summaries = []
+        for child in self.bridges:
+            if child.alive():
+                child.stop()
+            bridge_summaries += [s for s in map(_last_json, child.outputs) if s]
+        if self.node.alive():
+            try:
+                request(self.cfg.node.admin, "shutdown", timeout_s=2.0)
+            except AdminError:
+                self.node.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        if self.node.proc is not None:
+            try:
+                out, _ = self.node.proc.communicate(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.node.proc.kill()
+                out, _ = self.node.proc.communicate()
+            self.node.outputs.append(out or "")
+        node = _last_json("".join(self.node.outputs)) or {}
+        return summarize(self.cfg, node, bridge_summaries, self.bridges, wall_s, error)
+
+
+def summarize(
+    cfg: LaunchConfig,
+    node: dict[str, Any],
+    bridges: list[dict[str, Any]],
+    children: list[Child],
+    wall_s: float,
+    error: str | None,
+) -> dict[str, Any]:
+    sent = sum(b.get("transitions_sent", 0) for b in bridges)
+    models = sorted({node.get("model_id", "")} | set(node.get("returns_by_model", {})) - {""})
+    return {
+        "ok": error is None and bool(node),
+        "error": error,
+        "wall_s": round(wall_s, 2),
+        "model_id": node.get("model_id"),
+        "model_ids": models,
+        "rate_hz": cfg.node.rate_hz,
+        "ticks": node.get("ticks", 0),
+        "deadline_misses": node.get("deadline_misses", 0),
+        "miss_ratio": node.get("miss_ratio", 0.0),
+        "achieved_rate_hz": node.get("achieved_rate_hz", 0.0),
+        "fresh_ratio": node.get("fresh_ratio", 0.0),
+        "on_time_ratio": node.get("on_time_ratio", 0.0),
+        "latency_us": node.get("latency_us", {}),
+        "obs_age_us": node.get("obs_age_us", {}),
+        "transitions_logged": node.get("transitions_logged", 0),
+        "transitions_sent": sent,
+        "episodes": node.get("episodes", 0),
+        "mean_return": node.get("mean_return"),
+        "returns_by_model": node.get("returns_by_model", {}),
+        "rejected_messages": node.get("rejected_messages", 0),
+        "safe_actions": node.get("safe_actions", 0),
+        "log_dir": cfg.node.log_dir,
+        "bridges": [
+            {
+                "id": b.get("bridge"),
+                "mode": b.get("mode"),
+                "episodes": b.get("episodes"),
+                "mean_return": b.get("mean_return"),
+                "steps": b.get("steps"),
+                "transitions_sent": b.get("transitions_sent"),
+                "action_delivery_us": b.get("action_delivery_us"),
+            }
+            for b in bridges
+        ],
+        "restarts": {c.name.removeprefix("bridge "): c.restarts for c in children if c.restarts},
+    }
+
+
+def render(s: dict[str, Any]) -> str:
+    lat = s["latency_us"] or {"p50": 0, "p99": 0}
+    mean = s["mean_return"]
+    lines = [
+        f"ran {s['wall_s']:.1f} s at {s['achieved_rate_hz']:.1f} / {s['rate_hz']:g} Hz: "
+        f"{s['ticks']} ticks, {s['deadline_misses']} deadline misses "
+        f"({100 * s['miss_ratio']:.3f}%), fresh observations {100 * s['fresh_ratio']:.1f}%",
+        f"node latency p50 {lat['p50']:.0f} us, p99 {lat['p99']:.0f} us; "
+        f"rejected {s['rejected_messages']}, safe actions {s['safe_actions']}",
+        f"transitions logged {s['transitions_logged']} of {s['transitions_sent']} sent, in "
+        f"{s['log_dir']}",
+        f"episodes {s['episodes']}, mean return "
+        + ("-" if mean is None else f"{mean:.1f}")
+        + f"; model ids {', '.join(s['model_ids'])}",
+    ]
+    for b in s["bridges"]:
+        m = "-" if b["mean_return"] is None else f"{b['mean_return']:.1f}"
+        lines.append(
+            f"  bridge {b['id']} ({b['mode']}): {b['episodes']} episodes, mean return {m}, "
+            f"{b['steps']} steps"
+        )
+    if s["error"]:
+        lines.append(f"error: {s['error']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_launch(args.launch_file)
+    except ConfigError as e:
+        print(f"ddpg launch: error: {e}", file=sys.stderr)
+        return 1
+    duration = args.duration if args.duration is not None else (cfg.duration_s or None)
+    if duration is not None and duration <= 0:
+        print(f"ddpg launch: error: --duration {duration}: must be > 0", file=sys.stderr)
+        return 1
+    launcher = Launcher(cfg, quiet=args.quiet)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: launcher.request_stop())
+    summary = launcher.run(duration)
+    if args.summary_json is not None:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2) if args.json else render(summary), flush=True)
+    return 0 if summary["ok"] else 1
+
+
+__all__ = ["LaunchConfig", "Launcher", "NodeConfig", "run"]

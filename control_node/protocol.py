@@ -1,0 +1,251 @@
+"""The wire protocol between bridges and the node (documented for other languages in
+``docs/protocol.md``).
+
+A message is a ZeroMQ multipart message: one msgpack header frame, then one raw frame per array.
+The header is a map with the protocol version ``v``, the message ``type``, the type's fields and
+``arrays``: a list of ``[name, dtype, shape]`` describing the frames that follow, in order, as
+C-contiguous little-endian bytes. Nothing is ever pickled. :func:`decode` checks everything a
+peer could get wrong and raises :class:`ProtocolError` with a code and a reason, which the node
+sends back and counts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
+
+HELLO, WELCOME, OBS, ACTION, ERROR, BYE = "hello", "welcome", "obs", "action", "error", "bye"
+
+# Required header fields per message type: name -> accepted Python types after msgpack decoding.
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+_BOOL = (bool,)
+_LIST = (list,)
+FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    HELLO: {
+        "bridge_id": _STR,
+        "session": _STR,
+        "env_id": _STR,
+        "obs_shape": _LIST,
+        "obs_dtype": _STR,
+        "act_low": _LIST,
+        "act_high": _LIST,
+        "mode": _STR,
+        "rate_hz": _NUM,
+        "pid": _INT,
+    },
+    WELCOME: {"model_id": _STR, "rate_hz": _NUM, "watchdog_ms": _NUM, "pid": _INT},
+    OBS: {
+        "bridge_id": _STR,
+        "episode": _INT,
+        "step": _INT,
+        "reward": _NUM,
+        "terminated": _BOOL,
+        "truncated": _BOOL,
+        "applied_seq": _INT,
+        "applied_safe": _BOOL,
+        "t_obs_ns": _INT,
+        "t_send_ns": _INT,
+    },
+    ACTION: {
+        "seq": _INT,
+        "episode": _INT,
+        "step": _INT,
+        "model_id": _STR,
+        "safe": _BOOL,
+        "t_obs_ns": _INT,
+        "t_recv_ns": _INT,
+        "t_send_ns": _INT,
+    },
+    ERROR: {"code": _STR, "reason": _STR},
+    BYE: {"reason": _STR},
+}
+# Arrays per message type: name -> required? ("action" on an observation is the action the bridge
+# applied to produce it; absent on the first observation of an episode).
+ARRAYS: dict[str, dict[str, bool]] = {
+    HELLO: {"safe_action": False},
+    WELCOME: {"safe_action": True},
+    OBS: {"obs": True, "action": False},
+    ACTION: {"action": True},
+    ERROR: {},
+    BYE: {},
+}
+MODES = ("realtime", "lockstep")
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted. ``code`` is a short machine-readable word (counted per
+    code by the node); the message text is the human reason sent back to the peer."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class Message:
+    type: str
+    fields: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+
+def now_ns() -> int:
+    """The shared clock: CLOCK_MONOTONIC is system-wide, so processes on one machine agree."""
+    return time.monotonic_ns()
+
+
+def encode(
+    msg_type: str, fields: dict[str, Any], arrays: dict[str, np.ndarray] | None = None
+) -> list[bytes | memoryview]:
+    """Frames for ``socket.send_multipart`` (arrays are sent zero-copy as memoryviews)."""
+    specs: list[list[Any]] = []
+    buffers: list[bytes | memoryview] = []
+    for name, array in (arrays or {}).items():
+        a = np.ascontiguousarray(array)
+        dtype = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+        a = a.astype(dtype, copy=False)
+        specs.append([name, dtype.name, list(a.shape)])
+        buffers.append(memoryview(a).cast("B"))
+    header = {"v": PROTOCOL_VERSION, "type": msg_type, **fields, "arrays": specs}
+    return [msgpack.packb(header, use_bin_type=True), *buffers]
+
+
+def _header(frame: bytes) -> dict[str, Any]:
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ProtocolError("bad_header", f"header is {len(frame)} bytes (max {MAX_HEADER_BYTES})")
+    try:
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several types for garbage
+        raise ProtocolError("bad_header", f"header is not msgpack: {type(e).__name__}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("bad_header", f"header is a msgpack {type(header).__name__}, not a map")
+    return header
+
+
+def decode(frames: Sequence[bytes | memoryview]) -> Message:
+    """Parse and check one message; raises :class:`ProtocolError` naming the first problem."""
+    if not frames:
+        raise ProtocolError("bad_frames", "empty message")
+    header = _header(bytes(frames[0]))
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "bad_version", f"protocol version {version!r} is not supported (this node speaks 1)"
+        )
+    msg_type = header.get("type")
+    if msg_type not in FIELDS:
+        raise ProtocolError("bad_type", f"unknown message type {msg_type!r}")
+    for name, types in FIELDS[msg_type].items():
+        if name not in header:
+            raise ProtocolError("bad_field", f"{msg_type}: field {name!r} is missing")
+        value = header[name]
+        # bool is an int in Python; an int field must not accept True, nor a bool field 1.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ProtocolError(
+                "bad_field",
+                f"{msg_type}: field {name!r} = {value!r} should be "
+                f"{' or '.join(t.__name__ for t in types)}",
+            )
+        if isinstance(value, float) and not math.isfinite(value) and name != "reward":
+            raise ProtocolError("bad_field", f"{msg_type}: field {name!r} is not finite")
+    arrays = _arrays(msg_type, header.get("arrays", []), frames[1:])
+    fields = {k: v for k, v in header.items() if k not in ("v", "type", "arrays")}
+    return Message(msg_type, fields, arrays)
+
+
+def _arrays(
+    msg_type: str, specs: Any, buffers: Sequence[bytes | memoryview]
+) -> dict[str, np.ndarray]:
+    if not isinstance(specs, list):
+        raise ProtocolError("bad_array", f"{msg_type}: 'arrays' must be a list")
+    if len(specs) != len(buffers):
+        raise ProtocolError(
+            "bad_array",
+            f"{msg_type}: header describes {len(specs)} array(s) but {len(buffers)} "
+            "frame(s) follow it",
+        )
+    allowed = ARRAYS[msg_type]
+    out: dict[str, np.ndarray] = {}
+    for spec, buf in zip(specs, buffers, strict=True):
+        if (
+            not isinstance(spec, list)
+            or len(spec) != 3
+            or not isinstance(spec[0], str)
+            or not isinstance(spec[2], list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in spec[2])
+        ):
+            raise ProtocolError(
+                "bad_array", f"{msg_type}: array spec {spec!r} is not [name, dtype, shape]"
+            )
+        name, dtype_name, shape = spec
+        if name not in allowed:
+            raise ProtocolError("bad_array", f"{msg_type}: unexpected array {name!r}")
+        if name in out:
+            raise ProtocolError("bad_array", f"{msg_type}: array {name!r} appears twice")
+        dtype = DTYPES.get(dtype_name)
+        if dtype is None:
+            raise ProtocolError(
+                "bad_dtype",
+                f"{msg_type}: array {name!r} has dtype {dtype_name!r}; allowed: {sorted(DTYPES)}",
+            )
+        expected = math.prod(shape) * dtype.itemsize
+        if len(buf) != expected:
+            raise ProtocolError(
+                "bad_shape",
+                f"{msg_type}: array {name!r} is {len(buf)} bytes; {dtype_name} {shape} needs "
+                f"{expected}",
+            )
+        out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    for name, required in allowed.items():
+        if required and name not in out:
+            raise ProtocolError("bad_array", f"{msg_type}: array {name!r} is missing")
+    return out
+
+
+# -- message builders (one place that knows each message's fields) ----------------------------
+def hello(
+    bridge_id: str,
+    session: str,
+    env_id: str,
+    obs_shape: Sequence[int],
+    obs_dtype: str,
+    act_low: np.ndarray,
+    act_high: np.ndarray,
+    mode: str,
+    rate_hz: float,
+    pid: int,
+) -> list[bytes | memoryview]:
+    return encode(
+        HELLO,
+        {
+            "bridge_id": bridge_id,
+            "session": session,
+            "env_id": env_id,
+            "obs_shape": [int(d) for d in obs_shape],
+            "obs_dtype": obs_dtype,
+            "act_low": [float(x) for x in act_low],
+            "act_high": [float(x) for x in act_high],
+            "mode": mode,
+            "rate_hz": float(rate_hz),
+            "pid": pid,
+        },
+    )
+
+
+def error(code: str, reason: str) -> list[bytes | memoryview]:
+    return encode(ERROR, {"code": code, "reason": reason})
