@@ -329,6 +329,8 @@ class ControlNode:
                 self._check_obs(msg)
                 self._on_obs(bridge, msg, t_recv)
             elif msg.type == P.HELLO:
+                if self.state != "running":
+                    raise P.ProtocolError("stopping", "the node is stopping; try again later")
                 self._on_hello(identity, msg, t_recv)
             elif msg.type == P.BYE:
                 bridge = self.by_identity.get(identity)

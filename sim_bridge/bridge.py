@@ -163,7 +163,7 @@ class Bridge:
         elif msg.type == P.ERROR:
             if msg["code"] in ("spec_mismatch", "duplicate_bridge"):
                 raise BridgeError(f"node refused bridge {self.cfg.id}: {msg['reason']}")
-            if msg["code"] == "unknown_bridge":  # the node restarted and forgot us
+            if msg["code"] in ("unknown_bridge", "stopping"):  # node restarted, or is stopping
                 if self.connected:
                     self.log(f"bridge {self.cfg.id}: node does not know us; saying hello again")
                 self.connected = False

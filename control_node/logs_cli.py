@@ -1,0 +1,113 @@
+"""``ddpg logs DIR [DIR ...]``: what a transition log holds, without torch or pandas.
+
+Reads every committed chunk (see :mod:`control_node.translog`) and prints counts, episodes and
+returns per model: the first look at a robot's log before retraining on it. A crashed writer's
+temp files and unreadable chunks are reported on stderr and skipped; directories of different
+robots are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = """\
+examples:
+  ddpg logs logs/pendulum                      # counts, episodes, returns per model
+  ddpg logs logs/robot-a logs/robot-b --json   # several directories of one robot, as JSON
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXAMPLES
+    parser.add_argument(
+        "dirs", nargs="+", type=Path, metavar="DIR", help="transition log directories"
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON to stdout")
+
+
+def _num(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The human view of :func:`control_node.translog.summarize`: a few aligned lines."""
+    lines = [f"{'log':<12} {', '.join(s['dirs'])}"]
+    if not s["transitions"]:
+        lines.append(f"{'':<12} holds no transitions ({s['chunks']} readable chunks)")
+    else:
+        shape = (
+            "(" + ", ".join(map(str, s["obs_shape"])) + ("," if len(s["obs_shape"]) == 1 else "")
+        )
+        lines += [
+            f"{'env':<12} {s['env_id']}   obs {shape}) {s['obs_dtype']}   "
+            f"act_dim {s['act_dim']}   schema v{s['schema_version']}",
+            f"{'chunks':<12} {s['chunks']}   {_size(s['bytes'])}",
+            f"{'transitions':<12} {s['transitions']:,} from {len(s['bridges'])} bridges "
+            f"({s['bridge_sessions']} sessions) over {s['span_s']:.1f} s, "
+            f"{s['first_chunk_utc']} .. {s['last_chunk_utc']}",
+            f"{'episodes':<12} {s['episodes_completed']:,} completed, "
+            f"{s['mixed_model_episodes']['episodes']} under several models, "
+            f"{s['episodes_partial']} with rows missing",
+            f"{'safe':<12} {s['safe_actions']:,} safe actions",
+            "",
+        ]
+        header = ("model", "transitions", "safe", "episodes", "return mean", "std", "min", "max")
+        table = [header]
+        rows = [(model or "(bridge)", m) for model, m in s["models"].items()]
+        rows.append(("(mixed)", {"transitions": None, "safe_actions": None}))
+        rows[-1][1].update(s["mixed_model_episodes"])
+        for name, m in rows:
+            table.append(
+                (
+                    name,
+                    _num(m["transitions"], ","),
+                    _num(m["safe_actions"], ","),
+                    _num(m["episodes"], ","),
+                    _num(m["return_mean"]),
+                    _num(m["return_std"]),
+                    _num(m["return_min"]),
+                    _num(m["return_max"]),
+                )
+            )
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        for row in table:
+            cells = [row[0].ljust(widths[0])]
+            cells += [cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True)]
+            lines.append("  ".join(cells).rstrip())
+    if s["unreadable"] or s["leftovers"]:
+        lines.append(
+            f"skipped      {len(s['unreadable'])} unreadable chunks, "
+            f"{len(s['leftovers'])} temp files of crashed writers (listed on stderr)"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from control_node.translog import LogError, read_logs, summarize
+
+    def warn(line: str) -> None:
+        print(f"ddpg logs: warning: {line}", file=sys.stderr)
+
+    try:
+        contents = read_logs(args.dirs, warn=warn)
+    except (LogError, OSError) as e:
+        print(f"ddpg logs: error: {e}", file=sys.stderr)
+        return 1
+    summary = summarize(contents)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+    return 0

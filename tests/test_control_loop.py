@@ -1,0 +1,438 @@
+"""The control loop with real processes and sockets: ``ddpg serve`` and ``ddpg bridge`` as
+subprocesses on free ports, a raw DEALER socket sending real bytes where a test needs to send
+what no correct bridge would, and the Parquet log read back from disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import zmq
+
+from control_node import protocol as P
+from control_node.admin import AdminError, request
+from control_node.config import free_tcp_endpoint
+from control_node.translog import read_logs
+from models.policy import OnnxPolicy
+from sim_bridge.envs import make_env
+from training.evaluation import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+PENDULUM = ROOT / "models" / "zoo" / "inverted_pendulum" / "actor.onnx"
+CHEETAH = ROOT / "models" / "zoo" / "halfcheetah" / "actor.onnx"
+DDPG = [sys.executable, "-m", "control_node"]
+ENV = {**os.environ, "MUJOCO_GL": "egl"}
+T = TypeVar("T")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) -> T:
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = probe()
+        except AdminError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@dataclass
+class Node:
+    proc: subprocess.Popen[str]
+    bind: str
+    admin: str
+    log_dir: Path | None
+
+    def status(self) -> dict[str, Any]:
+        return request(self.admin, "status", timeout_s=2.0)["status"]
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM and the node's final status (it prints it as JSON)."""
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, err
+        return json.loads(out)
+
+
+def start_node(
+    tmp_path: Path,
+    model: Path = PENDULUM,
+    rate_hz: float = 200,
+    log: bool = True,
+    bind: str | None = None,
+    admin: str | None = None,
+    extra: tuple[str, ...] = (),
+) -> Node:
+    bind, admin = bind or free_tcp_endpoint(), admin or free_tcp_endpoint()
+    log_dir = tmp_path / "logs" if log else None
+    argv = [*DDPG, "serve", "--model", str(model), "--bind", bind, "--admin", admin]
+    argv += ["--rate-hz", str(rate_hz), "--log-dir", str(log_dir) if log_dir else "none"]
+    proc = subprocess.Popen(
+        [*argv, *extra, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    node = Node(proc, bind, admin, log_dir)
+    wait_for("the node's admin socket", lambda: proc.poll() is None and node.status())
+    return node
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = start_node(tmp_path)
+    yield n
+    if n.proc.poll() is None:
+        n.proc.kill()
+        n.proc.communicate()
+
+
+def start_bridge(node_addr: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*DDPG, "bridge", "--node", node_addr, *args, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+
+
+def stop_bridge(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return json.loads(out)
+
+
+class RawBridge:
+    """A DEALER socket speaking the protocol by hand, to send exactly the bytes a test needs."""
+
+    def __init__(self, address: str, bridge_id: str = "raw") -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.bridge_id = bridge_id
+
+    def send(self, frames: list[Any]) -> None:
+        self.sock.send_multipart(frames)
+
+    def recv(self, timeout_s: float = 5.0) -> P.Message:
+        assert self.sock.poll(round(timeout_s * 1000)), "no reply from the node"
+        return P.decode(self.sock.recv_multipart())
+
+    def hello(
+        self, env_id: str = "InvertedPendulum-v5", obs_shape: tuple[int, ...] = (4,)
+    ) -> P.Message:
+        self.send(
+            P.hello(
+                self.bridge_id, "s1", env_id, obs_shape, "float32",
+                np.array([-3.0]), np.array([3.0]), "lockstep", 0.0, os.getpid(),
+            )
+        )  # fmt: skip
+        return self.recv()
+
+    def obs(self, obs: np.ndarray, step: int = 0, **fields: Any) -> list[Any]:
+        header = {
+            "bridge_id": self.bridge_id,
+            "episode": 0,
+            "step": step,
+            "reward": 1.0 if step else 0.0,
+            "terminated": False,
+            "truncated": False,
+            "applied_seq": step,
+            "applied_safe": False,
+            "t_obs_ns": P.now_ns(),
+            "t_send_ns": P.now_ns(),
+            **fields,
+        }
+        arrays = {"obs": obs}
+        if step > 0:
+            arrays["action"] = np.array([0.1], np.float32)
+        return P.encode(P.OBS, header, arrays)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+# -- protocol with a real node ------------------------------------------------------------------
+def test_hello_observation_action_round_trip(node: Node) -> None:
+    raw = RawBridge(node.bind)
+    welcome = raw.hello()
+    assert welcome.type == P.WELCOME and welcome["model_id"] == "2ff52a327c6e434c"
+    np.testing.assert_array_equal(welcome.arrays["safe_action"], [0.0])
+    obs = np.array([0.01, -0.02, 0.03, 0.1], np.float32)
+    raw.send(raw.obs(obs))
+    action = raw.recv()
+    assert action.type == P.ACTION and (action["episode"], action["step"]) == (0, 0)
+    assert action["model_id"] == welcome["model_id"] and not action["safe"]
+    np.testing.assert_allclose(action.arrays["action"], OnnxPolicy(PENDULUM)(obs), atol=1e-6)
+    raw.send(raw.obs(obs * 2, step=1, applied_seq=action["seq"]))
+    assert raw.recv()["step"] == 1
+    raw.close()
+    final = node.stop()
+    assert final["transitions_logged"] == 1 and final["rejected_messages"] == 0
+    table = read_logs([node.log_dir]).table  # type: ignore[list-item]
+    row = table.to_pylist()[0]
+    assert row["model_id"] == welcome["model_id"] and row["action_seq"] == action["seq"]
+    np.testing.assert_array_equal(row["next_obs"], obs * 2)
+
+
+def test_malformed_messages_are_rejected_counted_and_serving_goes_on(node: Node) -> None:
+    raw = RawBridge(node.bind)
+    raw.hello()
+    before = node.status()
+    t0 = time.monotonic()
+    good = np.zeros(4, np.float32)
+    header_v2 = [b"\x82\xa1v\x02\xa4type\xa3obs"]  # {"v": 2, "type": "obs"}
+    cases: list[tuple[list[Any], str]] = [
+        ([b"\x00garbage\xff"], "bad_header"),
+        (header_v2, "bad_version"),
+        (raw.obs(np.zeros(4, np.uint8)), "bad_shape"),  # wrong dtype
+        (raw.obs(np.zeros(5, np.float32)), "bad_shape"),  # wrong shape
+        ([*raw.obs(good, step=2)[:1], b""], "bad_array"),  # header says 2 arrays, 1 follows
+        (P.encode(P.ACTION, {}), "bad_field"),  # a node does not take actions
+    ]
+    stranger = RawBridge(node.bind, "stranger")  # never says hello
+    other = RawBridge(node.bind, "other")  # another robot
+    rounds = 0
+    while time.monotonic() - t0 < 1.0 or rounds < 3:  # a sustained barrage, not one burst
+        rounds += 1
+        for frames, code in cases:
+            raw.send(frames)
+            reply = raw.recv()
+            assert reply.type == P.ERROR and reply["code"] == code, reply.fields
+        # NaN: answered with the safe action, flagged and counted
+        raw.send(raw.obs(np.array([np.nan, 0, 0, 0], np.float32)))
+        reply = raw.recv()
+        assert reply.type == P.ACTION and reply["safe"] and reply.arrays["action"].tolist() == [0.0]
+        stranger.send(stranger.obs(good))
+        reply = stranger.recv()
+        assert reply.type == P.ERROR and reply["code"] == "unknown_bridge"
+        reply = other.hello(env_id="Hopper-v5", obs_shape=(11,))
+        assert reply["code"] == "spec_mismatch" and "Hopper-v5" in reply["reason"]
+    # serving went on: the node still answers good observations and kept its clock
+    raw.send(raw.obs(good))
+    assert raw.recv().type == P.ACTION
+    after = node.status()
+    wall = time.monotonic() - t0
+    counted = after["rejected_by_code"]
+    assert counted.get("bad_header") == rounds and counted.get("bad_version") == rounds
+    assert counted.get("bad_shape") == 2 * rounds and counted.get("unknown_bridge") == rounds
+    assert counted.get("spec_mismatch") == rounds and counted.get("non_finite") == rounds
+    assert after["safe_actions"] == rounds and after["non_finite_observations"] == rounds
+    assert after["rejected_messages"] == before["rejected_messages"] + 9 * rounds
+    ticks = after["ticks"] + after["deadline_misses"] - before["ticks"] - before["deadline_misses"]
+    assert ticks >= 0.8 * 200 * wall, (ticks, wall)
+    assert after["deadline_misses"] - before["deadline_misses"] <= 0.05 * ticks
+    for r in (raw, stranger, other):
+        r.close()
+
+
+def test_watchdog_marks_a_silent_bridge_stale_and_it_resumes(tmp_path: Path) -> None:
+    node = start_node(tmp_path, log=False, extra=("--watchdog-ms", "50"))
+    try:
+        raw = RawBridge(node.bind)
+        raw.hello()
+        raw.send(raw.obs(np.zeros(4, np.float32)))
+        raw.recv()
+
+        def bridge_state() -> str:
+            return node.status()["bridges"][0]["state"]
+
+        wait_for("the bridge to go stale", lambda: bridge_state() == "stale")
+        raw.send(raw.obs(np.zeros(4, np.float32)))
+        assert raw.recv().type == P.ACTION
+        assert bridge_state() == "live" and node.status()["stale_events"] == 1
+        raw.close()
+    finally:
+        node.stop()
+
+
+# -- bridges ------------------------------------------------------------------------------------
+def test_lockstep_through_node_and_bridge_equals_ddpg_eval(tmp_path: Path) -> None:
+    node = start_node(tmp_path, model=CHEETAH, rate_hz=100)
+    bridge = start_bridge(
+        node.bind,
+        *("--env", "HalfCheetah-v5", "--mode", "lockstep", "--episodes", "2"),
+        *("--seed", "10000", "--max-episode-steps", "200"),
+    )
+    out, err = bridge.communicate(timeout=120)
+    assert bridge.returncode == 0, err
+    served = json.loads(out)
+    env = make_env("HalfCheetah-v5", max_episode_steps=200)
+    direct = evaluate(OnnxPolicy(CHEETAH), env, episodes=2, seed=10000)
+    assert served["returns"] == direct.returns  # exactly: same seeds, same actions
+    final = node.stop()
+    assert final["transitions_logged"] == served["transitions_sent"] == 400
+    assert final["returns_by_model"]["3c953696f74e2775"]["episodes"] == 2
+
+
+def test_several_realtime_bridges_at_once(node: Node) -> None:
+    ids = ["a", "b", "c"]
+    bridges = [
+        start_bridge(node.bind, "--id", i, "--rate-hz", "100", "--max-episode-steps", "50")
+        for i in ids
+    ]
+    wait_for(
+        "three bridges through an episode each",
+        lambda: len([b for b in node.status()["bridges"] if b["episodes"] >= 1]) == 3,
+    )
+    summaries = {s["bridge"]: s for s in map(stop_bridge, bridges)}
+    final = node.stop()
+    table = read_logs([node.log_dir]).table  # type: ignore[list-item]
+    per_bridge = {i: table.column("bridge_id").to_pylist().count(i) for i in ids}
+    assert per_bridge == {i: summaries[i]["transitions_sent"] for i in ids}
+    assert final["transitions_logged"] == sum(per_bridge.values())
+    assert final["rejected_messages"] == 0 and final["episodes"] >= 3
+
+
+def test_sigterm_commits_every_transition_that_was_sent(tmp_path: Path) -> None:
+    # chunks of 60 s: nothing is committed before the stop, so the stop itself must commit it
+    node = start_node(tmp_path, rate_hz=200, extra=("--chunk-seconds", "60"))
+    bridge = start_bridge(node.bind, "--rate-hz", "200")
+    wait_for("transitions", lambda: node.status()["transitions_seen"] > 200)
+    assert node.status()["transitions_logged"] == 0
+    final = node.stop()  # SIGTERM while the bridge streams
+    sent = stop_bridge(bridge)["transitions_sent"]
+    rows = read_logs([node.log_dir]).table.num_rows  # type: ignore[list-item]
+    assert rows == sent == final["transitions_logged"] > 200
+    assert final["bridges"][0]["reported_sent"] == sent
+
+
+def test_bridge_reconnects_after_the_node_restarts(tmp_path: Path) -> None:
+    first = start_node(tmp_path, log=False)
+    bridge = start_bridge(first.bind, "--rate-hz", "100")
+    try:
+        wait_for(
+            "observations",
+            lambda: (b := first.status()["bridges"]) and b[0]["observations"] > 10,
+        )
+        first.stop()
+        second = start_node(tmp_path, log=False, bind=first.bind, admin=first.admin)
+        wait_for(
+            "the bridge back on the new node",
+            lambda: (b := second.status()["bridges"]) and b[0]["observations"] > 10,
+        )
+        assert second.status()["bridges"][0]["state"] == "live"
+        second.stop()
+    finally:
+        summary = stop_bridge(bridge)
+    assert summary["safe_steps"] > 0  # the robot held still (safe action) while no node ran
+
+
+def test_a_bridge_for_another_robot_is_refused_with_the_reason(node: Node) -> None:
+    bridge = start_bridge(node.bind, "--env", "Pendulum-v1")
+    _, err = bridge.communicate(timeout=60)
+    assert bridge.returncode == 1
+    assert "refused" in err and "InvertedPendulum-v5" in err and "Pendulum-v1" in err
+
+
+def test_status_command(node: Node) -> None:
+    out = subprocess.run(
+        [*DDPG, "status", "--node", node.admin, "--json"], capture_output=True, text=True, env=ENV
+    )
+    status = json.loads(out.stdout)
+    for key in ("model_id", "rate_hz", "ticks", "deadline_misses", "rejected_messages"):
+        assert key in status
+    for key in ("safe_actions", "bridges", "latency_us", "transitions_logged", "endpoints", "pid"):
+        assert key in status
+    assert set(status["latency_us"]) >= {"p50", "p99", "max"}
+    text = subprocess.run(
+        [*DDPG, "status", "--node", node.admin], capture_output=True, text=True, env=ENV
+    ).stdout
+    assert "2ff52a327c6e434c" in text and "misses" in text
+
+
+# -- launch -------------------------------------------------------------------------------------
+def write_launch(tmp_path: Path, **changes: Any) -> Path:
+    node: dict[str, Any] = {
+        "model": str(PENDULUM),
+        "bind": free_tcp_endpoint(),
+        "admin": free_tcp_endpoint(),
+        "rate_hz": 100,
+        "log_dir": "logs",
+    }
+    bridge: dict[str, Any] = {"id": "sim0", "env": "InvertedPendulum-v5", "rate_hz": 100}
+    data: dict[str, Any] = {"node": node, "bridges": [bridge]}
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        target = {"node": node, "bridge": bridge}.get(section, data)
+        target[name or section] = value
+    path = tmp_path / "launch.yaml"
+    path.write_text(json.dumps(data))  # JSON is YAML
+    return path
+
+
+def test_launch_runs_the_loop_end_to_end(tmp_path: Path) -> None:
+    launch = write_launch(tmp_path)
+    summary_path = tmp_path / "summary.json"
+    done = subprocess.run(
+        [*DDPG, "launch", str(launch), "--duration", "4", "--summary-json", str(summary_path)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(summary_path.read_text())
+    for key in ("ticks", "deadline_misses", "miss_ratio", "latency_us", "episodes"):
+        assert key in summary
+    assert summary["model_ids"] == ["2ff52a327c6e434c"] and "mean_return" in summary
+    assert summary["ticks"] > 200 and summary["transitions_logged"] == summary["transitions_sent"]
+    logs = subprocess.run(
+        [*DDPG, "logs", str(tmp_path / "logs"), "--json"], capture_output=True, text=True, env=ENV
+    )
+    assert json.loads(logs.stdout)["transitions"] == summary["transitions_logged"] > 100
+    assert "transitions logged" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"node__rate": 100}, "node.rate: unknown key"),
+        ({"node__rate_hz": "fast"}, "node.rate_hz = 'fast': expected float"),
+        ({"node__model": "missing.onnx"}, "node.model = 'missing.onnx': no such file"),
+        ({"bridge__mode": "sometimes"}, "mode = 'sometimes'"),
+        ({"node__rate_hz": -5}, "rate_hz = -5.0: must be > 0"),
+        ({"extra": 1}, "extra: unknown key"),
+    ],
+)
+def test_a_bad_launch_file_is_refused_naming_the_key(
+    tmp_path: Path, changes: dict[str, Any], words: str
+) -> None:
+    launch = write_launch(tmp_path, **changes)
+    done = subprocess.run([*DDPG, "launch", str(launch)], capture_output=True, text=True, env=ENV)
+    assert done.returncode == 1
+    assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_launch_file_whose_port_is_in_use_is_refused(tmp_path: Path) -> None:
+    ctx = zmq.Context()
+    busy = ctx.socket(zmq.ROUTER)
+    busy.setsockopt(zmq.LINGER, 0)
+    address = free_tcp_endpoint()
+    busy.bind(address)
+    try:
+        launch = write_launch(tmp_path, node__bind=address)
+        done = subprocess.run([*DDPG, "launch", str(launch)], capture_output=True, text=True)
+        assert done.returncode == 1 and "port is already in use" in done.stderr
+    finally:
+        busy.close()
+        ctx.term()
