@@ -281,7 +281,7 @@ def summarize(
     error: str | None,
 ) -> dict[str, Any]:
     sent = sum(b.get("transitions_sent", 0) for b in bridges)
-    models = sorted({node.get("model_id", "")} | set(node.get("returns_by_model", {})) - {""})
+    models = node.get("model_ids", [])
     return {
         "ok": error is None and bool(node),
         "error": error,

@@ -19,6 +19,7 @@ naming the reason and counted by code; serving goes on.
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
 import math
@@ -39,40 +40,51 @@ from control_node.config import NodeConfig
 from control_node.translog import LogSpec, Transition, TransitionLog
 from models.policy import OnnxPolicy, PolicyError, check_expected
 
-SAMPLES = 100_000
-"""Each latency histogram keeps this many newest samples."""
-
 
 class NodeError(RuntimeError):
     """The node cannot start (bad model, address in use, ...); the message says why."""
 
 
 class Samples:
-    """The newest ``capacity`` durations (ns), for percentiles; the all-time max is kept apart."""
+    """Durations (ns) in logarithmic buckets 1% wide: adding is O(1) on the hot path and a
+    summary costs microseconds, so ``ddpg status --watch`` never disturbs the clock."""
 
-    def __init__(self, capacity: int = SAMPLES) -> None:
-        self.data = np.zeros(capacity, dtype=np.int64)
+    RATIO = 1.01
+    BUCKETS = 2400  # 1.01 ** 2400 ns is far beyond any duration we time
+
+    def __init__(self) -> None:
+        self.counts = array.array("q", bytes(8 * self.BUCKETS))
         self.count = 0
+        self.total = 0
+        self.total_sq = 0
         self.max = 0
+        self._scale = 1.0 / math.log(self.RATIO)
 
     def add(self, value: int) -> None:
-        self.data[self.count % self.data.size] = value
+        i = int(math.log(value) * self._scale) if value > 1 else 0
+        self.counts[min(i, self.BUCKETS - 1)] += 1
         self.count += 1
+        self.total += value
+        self.total_sq += value * value
         if value > self.max:
             self.max = value
 
     def summary_us(self) -> dict[str, float]:
-        n = min(self.count, self.data.size)
+        n = self.count
         if n == 0:
             return {"p50": 0.0, "p99": 0.0, "max": 0.0, "std": 0.0, "n": 0}
-        data = self.data[:n]
-        p50, p99 = np.percentile(data, [50, 99]) / 1e3
+        cumulative = np.cumsum(np.frombuffer(self.counts, dtype=np.int64))
+        p50, p99 = (
+            self.RATIO ** (int(np.searchsorted(cumulative, q * n)) + 0.5) / 1e3 for q in (0.5, 0.99)
+        )
+        mean = self.total / n
+        std = math.sqrt(max(self.total_sq / n - mean * mean, 0.0))
         return {
-            "p50": round(p50, 1),
-            "p99": round(p99, 1),
-            "max": self.max / 1e3,
-            "std": round(float(data.std()) / 1e3, 1),
-            "n": self.count,
+            "p50": round(min(p50, self.max / 1e3), 1),
+            "p99": round(min(p99, self.max / 1e3), 1),
+            "max": round(self.max / 1e3, 1),
+            "std": round(std / 1e3, 1),
+            "n": n,
         }
 
 
@@ -131,6 +143,7 @@ class ControlNode:
             raise NodeError(str(e)) from None
         meta = self.policy.metadata
         self.model_id = meta.model_id
+        self.model_ids = {self.model_id}  # every model that has served here
         self.act_low, self.act_high = meta.act_low, meta.act_high
         safe = np.zeros(self.policy.act_dim) if cfg.safe_action is None else cfg.safe_action
         safe = np.asarray(safe, dtype=np.float32)
@@ -175,7 +188,7 @@ class ControlNode:
         self.safe_actions = 0
         self.non_finite_obs = 0
         self.stale_events = 0
-        self.latency = Samples()  # observation received -> its action sent
+        self.latency = Samples()  # observation received -> its action sent (per observation)
         self.obs_age = Samples()  # observation made (bridge clock) -> its action sent
         self.tick_work = Samples()  # tick start -> last action sent
         self.tick_late = Samples()  # tick start - deadline
@@ -216,7 +229,7 @@ class ControlNode:
         self.started_ns = start
         while not self._stop:
             self._wait_until(next_tick - spin)
-            while P.now_ns() < next_tick:  # the last stretch, busy (only when spin_us > 0)
+            while P.now_ns() < next_tick and not self._stop:  # busy stretch (spin_us > 0)
                 self._drain()
             t_tick = P.now_ns()
             self.tick_late.add(t_tick - next_tick)
@@ -346,10 +359,13 @@ class ControlNode:
                 )
         except P.ProtocolError as e:
             self._reject(identity, e)
+        except Exception as e:  # a bug must not stop the loop: count it, answer, keep serving
+            self._reject(identity, P.ProtocolError("internal", f"{type(e).__name__}: {e}"))
 
     def _reject(self, identity: bytes, e: P.ProtocolError) -> None:
-        self.rejected[e.code] += 1
-        self.last_rejections.append(f"{e.code}: {e.reason}")
+        if e.code != "stopping":  # a hello during shutdown is not a fault of the bridge
+            self.rejected[e.code] += 1
+            self.last_rejections.append(f"{e.code}: {e.reason}")
         self._send(identity, P.error(e.code, e.reason))
 
     def _send(self, identity: bytes, frames: list[bytes | memoryview]) -> bool:
@@ -468,11 +484,16 @@ class ControlNode:
             b.stale = False
             self.log(f"node: bridge {b.bridge_id} resumed")
         episode, step = msg["episode"], msg["step"]
+        prev = b.prev
+        if prev is not None and (prev["episode"], prev["step"]) == (episode, step):
+            if b.mode == "lockstep":  # a resend after a lost answer: answer again, log nothing
+                self._answer([b], [msg], [t_recv], t_recv)
+            b.gaps += 1
+            return
         terminal = msg["terminated"] or msg["truncated"]
         if step == 0 or episode != b.episode:
             b.episode, b.ep_return, b.ep_length, b.ep_models = episode, 0.0, 0, set()
         if step > 0:
-            prev = b.prev
             if prev is not None and prev["episode"] == episode and prev["step"] == step - 1:
                 self._log_transition(b, prev, msg)
             else:
@@ -499,7 +520,8 @@ class ControlNode:
         safe = safe or msg["applied_safe"]
         if (episode, step) == (prev["episode"], prev["step"]):
             b.on_time += 1
-        b.ep_models.add(model_id or "safe")
+        if model_id and not msg["applied_safe"]:  # the bridge's own safe steps label nothing
+            b.ep_models.add(model_id)
         b.transitions += 1
         if self.translog is None:
             return
@@ -531,7 +553,7 @@ class ControlNode:
         self.episodes += 1
         b.last_return = b.ep_return
         models = sorted(b.ep_models)
-        label = models[0] if len(models) == 1 else "mixed"
+        label = models[0] if len(models) == 1 else "mixed" if models else "safe"
         self.returns_by_model[label].append(b.ep_return)
         self.episode_log.append(
             {
@@ -586,7 +608,7 @@ class ControlNode:
                     del b.sent[old]
             b.answered += 1
             self.obs_age.add(t_send - msg["t_obs_ns"])
-        self.latency.add(P.now_ns() - t_tick)
+            self.latency.add(t_send - t_recv)
 
     # -- admin ----------------------------------------------------------------------------------
     def _on_admin(self, identity: bytes, frame: bytes) -> None:
@@ -621,6 +643,7 @@ class ControlNode:
             "state": self.state,
             "pid": os.getpid(),
             "model_id": self.model_id,
+            "model_ids": sorted(self.model_ids),
             "model": str(self.cfg.model),
             "env_id": self.policy.metadata.env_id,
             "rate_hz": self.cfg.rate_hz,

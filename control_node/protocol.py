@@ -143,12 +143,12 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
         raise ProtocolError("bad_frames", "empty message")
     header = _header(bytes(frames[0]))
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             "bad_version", f"protocol version {version!r} is not supported (this node speaks 1)"
         )
     msg_type = header.get("type")
-    if msg_type not in FIELDS:
+    if not isinstance(msg_type, str) or msg_type not in FIELDS:
         raise ProtocolError("bad_type", f"unknown message type {msg_type!r}")
     for name, types in FIELDS[msg_type].items():
         if name not in header:
@@ -193,6 +193,8 @@ def _arrays(
                 "bad_array", f"{msg_type}: array spec {spec!r} is not [name, dtype, shape]"
             )
         name, dtype_name, shape = spec
+        if not isinstance(dtype_name, str):
+            raise ProtocolError("bad_dtype", f"{msg_type}: array {name!r} dtype is not a string")
         if name not in allowed:
             raise ProtocolError("bad_array", f"{msg_type}: unexpected array {name!r}")
         if name in out:

@@ -30,6 +30,7 @@ from control_node.config import BridgeConfig
 from sim_bridge.envs import env_spec, make_env
 
 HELLO_RETRY_S = 0.25
+HELLO_FAST_RETRY_S = 0.01
 
 
 class BridgeError(RuntimeError):
@@ -77,6 +78,7 @@ class Bridge:
         self._last_hello = 0
         # the newest action received: (seq, action, time received)
         self.action_seq, self.action, self.action_ns = -1, self.safe_action, 0
+        self.action_safe = False
         self.episode, self.step = 0, 0
         self.returns: list[float] = []
         self.lengths: list[int] = []
@@ -110,9 +112,11 @@ class Bridge:
             return False
 
     def _hello(self) -> None:
+        """Announce this bridge. With IMMEDIATE, a send before the TCP connection is up fails;
+        then the next try comes after HELLO_FAST_RETRY_S instead of HELLO_RETRY_S."""
         self._last_hello = P.now_ns()
         low, high = self._bounds()
-        self._send(
+        sent = self._send(
             P.hello(
                 self.cfg.id,
                 self.session,
@@ -126,6 +130,9 @@ class Bridge:
                 os.getpid(),
             )
         )
+        if not sent:
+            self.unsent -= 1  # not an observation lost: the connection is not up yet
+            self._last_hello -= round((HELLO_RETRY_S - HELLO_FAST_RETRY_S) * 1e9)
 
     def _drain(self) -> None:
         while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
@@ -144,6 +151,7 @@ class Bridge:
             if action.shape != (self.spec.act_dim,) or msg["seq"] <= self.action_seq:
                 return  # a stale or malformed answer: the newest action wins
             self.action_seq, self.action, self.action_ns = msg["seq"], action, t_recv
+            self.action_safe = bool(msg["safe"])
             self.delivery.append(t_recv - msg["t_send_ns"])
             if msg["safe"]:
                 self.errors["safe_action_from_node"] = (
@@ -154,6 +162,7 @@ class Bridge:
                 self.round_trip.append(t_recv - self._obs_sent_ns)
         elif msg.type == P.WELCOME:
             self.connected = True
+            self.action_seq = -1  # a new node numbers its actions from 1 again
             self.model_id = msg["model_id"]
             self.safe_action = np.clip(msg.arrays["safe_action"], *self._bounds()).astype(
                 np.float32
@@ -161,8 +170,12 @@ class Bridge:
             self.transitions_sent = 0
             self.log(f"bridge {self.cfg.id}: connected to node (model {self.model_id})")
         elif msg.type == P.ERROR:
-            if msg["code"] in ("spec_mismatch", "duplicate_bridge"):
+            if msg["code"] == "spec_mismatch":
                 raise BridgeError(f"node refused bridge {self.cfg.id}: {msg['reason']}")
+            if msg["code"] == "duplicate_bridge":  # our predecessor's entry has not gone stale
+                self._count_error("duplicate_bridge", f"node: {msg['reason']}; retrying")
+                self.connected = False
+                return
             if msg["code"] in ("unknown_bridge", "stopping"):  # node restarted, or is stopping
                 if self.connected:
                     self.log(f"bridge {self.cfg.id}: node does not know us; saying hello again")
@@ -184,10 +197,13 @@ class Bridge:
 
     def _wait(self, t_target: int) -> None:
         """Take in messages until ``t_target`` (monotonic ns), or until the awaited lockstep
-        answer arrives; keep saying hello while no node has welcomed us."""
+        answer arrives, or a welcome; keep saying hello while no node has welcomed us."""
+        was_connected = self.connected
         while not self._stop:
             self._drain()
             if self._waiting_for is not None and self._answer is not None:
+                return
+            if self.connected and not was_connected:
                 return
             now = P.now_ns()
             if not self.connected and now - self._last_hello > HELLO_RETRY_S * 1e9:
@@ -195,7 +211,8 @@ class Bridge:
             remaining = t_target - now
             if remaining <= 0:
                 return
-            select.select([self.fd], [], [], min(remaining / 1e9, HELLO_RETRY_S))
+            retry = HELLO_FAST_RETRY_S if not self.connected else HELLO_RETRY_S
+            select.select([self.fd], [], [], min(remaining / 1e9, retry))
 
     def _send_obs(
         self,
@@ -289,7 +306,7 @@ class Bridge:
                 break
             fresh = self.connected and P.now_ns() - self.action_ns <= watchdog
             if fresh:
-                ended = self._apply(self.action, self.action_seq, False)
+                ended = self._apply(self.action, self.action_seq, self.action_safe)
             else:  # the watchdog: no action for too long (or no node): the safe action
                 ended = self._apply(self.safe_action, -1, True)
             if ended and not self._episodes_done():
@@ -324,7 +341,7 @@ class Bridge:
                     self._connect(end)
                     self._resend_current()
                     continue
-                if self._apply(answer, self.action_seq, False):
+                if self._apply(answer, self.action_seq, self.action_safe):
                     obs_fresh = True
                     break
 

@@ -1,0 +1,914 @@
+"""The control loop end to end: ``ddpg serve`` and ``ddpg bridge`` as real processes over ZeroMQ.
+
+The policy benchmark times the actor alone; this one times what a robot sees. Every scenario
+runs its own fresh processes, one after the other, on this machine, with the HalfCheetah-v5 TD3
+actor (``--model``) and MuJoCo HalfCheetah-v5 bridges:
+
+1. **1 kHz realtime**: the node at ``--rate-hz`` (1000) with transition logging on, one
+   realtime bridge at the same rate for ``--seconds``. Achieved rate, deadline-miss ratio, tick
+   period jitter, the share of observations answered fresh (by the first tick after they
+   arrived), observation age when used, action delivery node -> bridge (both stamp
+   CLOCK_MONOTONIC, shared by processes on one machine), node work per tick, and transitions
+   logged against those the bridge sent.
+2. **Lockstep round trip**: the same node, one lockstep bridge for ``--lockstep-seconds``:
+   observation sent -> its action received, in the bridge, and steps per second.
+3. **Floor**: the same bytes over bare pyzmq between two processes (DEALER client, ROUTER
+   server, TCP loopback as above): the client sends the frames a bridge sends for a HalfCheetah
+   observation, the server answers with an action message's frames after batch-1 onnxruntime
+   inference (``OnnxPolicy``); no validation, logging or clock. ``--round-trips`` timed in the
+   client after ``--warmup-trips``.
+4. **Naive baseline**: REQ/REP, one request per step, torch eager inference (1 thread) of the
+   same MLP (weights read from the ONNX initializers), raw float32 bytes each way.
+5. **Many bridges**: the node at ``--rate-hz`` with logging, ``--bridges`` (10) realtime bridges
+   at ``--bridge-rate-hz`` (100) each for ``--seconds``.
+
+Node-side counters are reported over a *window*: from the moment every bridge is connected (one
+admin status request, taken once they all said they were connected) to the moment the first
+bridge process exits (a second one), so bridge start-up (imports, MuJoCo) is not charged to the
+steady loop; the whole run, start-up included, is kept next to it. Percentiles (tick period,
+observation age, work) are the node's own, over its whole run. Targets are judged on the window:
+miss ratio <= 0.1% and fresh >= 99% at 1 kHz and with many bridges; lockstep round trip p50 <=
+1.5x the floor's p50; the naive baseline's p99 >= 2x ours (the lockstep round trip's p99).
+
+Writes JSON (default benchmarks/results/control_loop.json: every process's final JSON, the
+derived numbers, the targets, load average before and after, the CPU, the command line) and
+prints a table. Every child process is stopped on exit, Ctrl-C included. A smoke run:
+
+    .venv/bin/python benchmarks/control_loop.py --seconds 5 --lockstep-seconds 5 \\
+        --round-trips 2000
+    .venv/bin/python benchmarks/control_loop.py            # 60 s + 20 s + 60 s + 2 x 20k trips
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from control_node import protocol as P
+from control_node.admin import AdminError, request
+from control_node.config import free_tcp_endpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "models" / "zoo" / "halfcheetah" / "actor.onnx"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "control_loop.json"
+ENV_ID = "HalfCheetah-v5"
+SCENARIOS = ("realtime", "lockstep", "floor", "naive", "bridges")
+READY_TIMEOUT_S = 60.0
+"""How long the node, the bridges and the round-trip servers get to come up (2 busy cores)."""
+
+
+class BenchError(RuntimeError):
+    """A child process failed or did not come up; the message carries its stderr tail."""
+
+
+# -- child processes --------------------------------------------------------------------------
+@dataclass
+class Child:
+    """One child process; stdout and stderr go to files (a full pipe would stall it)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    out: Path
+    err: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stderr_text(self) -> str:
+        try:
+            return self.err.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, lines: int = 15) -> str:
+        text = "\n".join(self.stderr_text().splitlines()[-lines:])
+        return f"--- {self.name} stderr (last {lines} lines) ---\n{text}"
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise BenchError(
+                f"{self.name} still running after {timeout_s:.0f} s\n{self.tail()}"
+            ) from None
+
+    def result(self, timeout_s: float) -> dict[str, Any]:
+        """Wait for the process and parse the JSON object it printed last."""
+        rc = self.wait(timeout_s)
+        text = self.out.read_text(errors="replace")
+        if rc != 0:
+            raise BenchError(f"{self.name} exited with {rc}\n{self.tail()}")
+        return last_json(text, self.name)
+
+
+def last_json(text: str, name: str) -> dict[str, Any]:
+    """The last top-level JSON object in ``text`` (printed with ``indent``, so it starts with a
+    line that is exactly ``{``); anything printed before it is ignored."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.rstrip() == "{"]
+    for i in reversed(starts):
+        try:
+            return json.loads("\n".join(lines[i:]))
+        except json.JSONDecodeError:
+            continue
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise BenchError(f"{name} printed no JSON; stdout ends with {text[-300:]!r}") from None
+
+
+class Children:
+    """Every process this benchmark starts; :meth:`stop_all` ends those still running."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.all: list[Child] = []
+        self.env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        )
+
+    def start(self, name: str, argv: Sequence[str]) -> Child:
+        stem = self.tmp / f"{len(self.all):02d}_{name}"
+        out, err = stem.with_suffix(".out"), stem.with_suffix(".err")
+        with out.open("wb") as fo, err.open("wb") as fe:
+            proc = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, cwd=ROOT, env=self.env
+            )
+        child = Child(name, proc, out, err)
+        self.all.append(child)
+        return child
+
+    def stop(self, child: Child, grace_s: float = 5.0) -> None:
+        """SIGTERM (the node and the bridges then stop cleanly), SIGKILL after ``grace_s``."""
+        if child.alive():
+            child.proc.send_signal(signal.SIGTERM)
+            try:
+                child.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+
+    def stop_all(self, grace_s: float = 5.0) -> None:
+        running = [c for c in self.all if c.alive()]
+        for c in running:
+            c.proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + grace_s
+        for c in running:
+            try:
+                c.proc.wait(max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+
+
+# -- served scenarios (node + bridges) --------------------------------------------------------
+def ddpg(*args: str) -> list[str]:
+    return [sys.executable, "-m", "control_node", *args]
+
+
+def wait_for_admin(node: Child, admin: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if not node.alive():
+            raise BenchError(f"the node exited with {node.proc.returncode}\n{node.tail()}")
+        try:
+            request(admin, "status", 0.5)
+            return
+        except AdminError:
+            time.sleep(0.1)
+    raise BenchError(f"the node's admin socket {admin} did not answer in {timeout_s:.0f} s")
+
+
+def window_start(
+    node: Child, bridges: list[Child], admin: str, ids: list[str]
+) -> tuple[dict[str, Any], float]:
+    """Once every bridge has said it is connected (its stderr), one status request to the node
+    (only then, since each costs the node's loop time): the window's first snapshot."""
+    end = time.monotonic() + READY_TIMEOUT_S + 5 * len(bridges)
+    while time.monotonic() < end:
+        for c in [node, *bridges]:
+            if not c.alive():
+                raise BenchError(
+                    f"{c.name} exited ({c.proc.returncode}) before every bridge was connected"
+                    f"\n{c.tail()}"
+                )
+        if all("connected to node" in b.stderr_text() for b in bridges):
+            t0 = time.perf_counter()
+            status = request(admin, "status", 5.0)["status"]
+            took = time.perf_counter() - t0
+            live = {
+                b["id"] for b in status["bridges"] if b["state"] == "live" and b["observations"]
+            }
+            if live >= set(ids):
+                return status, took
+        time.sleep(0.1)
+    raise BenchError(f"not every bridge connected within {READY_TIMEOUT_S:.0f} s")
+
+
+def served(
+    children: Children,
+    model: Path,
+    rate_hz: float,
+    bridge_args: list[list[str]],
+    seconds: float,
+    log_root: Path,
+    name: str,
+) -> dict[str, Any]:
+    """Start a node, wait for its admin socket, start the bridges (``bridge_args``: each
+    bridge's flags after ``--node``), snapshot the node when all are connected and again when
+    the first one exits, wait for them, stop the node and gather every final JSON."""
+    bind, admin = free_tcp_endpoint(), free_tcp_endpoint()
+    while admin == bind:
+        admin = free_tcp_endpoint()
+    log_dir = log_root / name
+    # The node's own --duration is only a safety cap: it is stopped (SIGTERM: a clean stop)
+    # right after its bridges exit.
+    cap = seconds + READY_TIMEOUT_S + 10 * len(bridge_args) + 60
+    flags = {
+        "--model": str(model),
+        "--bind": bind,
+        "--admin": admin,
+        "--rate-hz": f"{rate_hz:g}",
+        "--log-dir": str(log_dir),
+        "--duration": f"{cap:g}",
+    }
+    node = children.start(
+        f"{name}_node", ddpg("serve", *[x for kv in flags.items() for x in kv], "--json")
+    )
+    wait_for_admin(node, admin)
+    ids = [args[args.index("--id") + 1] for args in bridge_args]
+    bridges = [
+        children.start(
+            f"{name}_bridge_{bid}",
+            ddpg("bridge", "--node", bind, *args, "--duration", f"{seconds:g}", "--json"),
+        )
+        for bid, args in zip(ids, bridge_args, strict=True)
+    ]
+    first, first_took = window_start(node, bridges, admin, ids)
+    t_first = time.monotonic()
+    end = t_first + seconds + READY_TIMEOUT_S
+    while all(b.alive() for b in bridges):
+        if time.monotonic() > end:
+            raise BenchError(f"{name}: the bridges ran past --duration by {READY_TIMEOUT_S} s")
+        if not node.alive():
+            raise BenchError(f"{name}: the node exited before its bridges\n{node.tail()}")
+        time.sleep(0.02)
+    last = request(admin, "status", 10.0)["status"]
+    window_s = time.monotonic() - t_first
+    summaries = [b.result(seconds + READY_TIMEOUT_S) for b in bridges]
+    children.stop(node, grace_s=30.0)
+    final = node.result(5.0)
+    return {
+        "node": final,
+        "bridges": summaries,
+        "window": window(first, last, window_s, first_took),
+        "node_stderr_tail": node.stderr_text().splitlines()[-20:],
+    }
+
+
+def window(
+    first: dict[str, Any], last: dict[str, Any], wall_s: float, status_s: float
+) -> dict[str, Any]:
+    """Counter deltas between two status snapshots (the steady period with every bridge)."""
+    ticks = last["ticks"] - first["ticks"]
+    misses = last["deadline_misses"] - first["deadline_misses"]
+    before = {b["id"]: b for b in first["bridges"]}
+    obs = fresh = superseded = 0
+    for b in last["bridges"]:
+        a = before.get(b["id"], {"observations": 0, "fresh": 0, "superseded": 0})
+        obs += b["observations"] - a["observations"]
+        fresh += b["fresh"] - a["fresh"]
+        superseded += b["superseded"] - a["superseded"]
+    uptime = last["uptime_s"] - first["uptime_s"]
+    return {
+        "seconds": round(uptime, 3),
+        "wall_s": round(wall_s, 3),
+        "ticks": ticks,
+        "deadline_misses": misses,
+        "miss_ratio": misses / (ticks + misses) if ticks + misses else 0.0,
+        "achieved_rate_hz": round(ticks / uptime, 2) if uptime > 0 else 0.0,
+        "observations": obs,
+        "fresh": fresh,
+        "superseded": superseded,
+        "fresh_ratio": fresh / obs if obs else 0.0,
+        "first_status_request_s": round(status_s, 4),
+    }
+
+
+def bridge_flags(bid: str, mode: str, rate_hz: float, seed: int) -> list[str]:
+    flags = ["--env", ENV_ID, "--id", bid, "--mode", mode, "--seed", str(seed)]
+    return flags + (["--rate-hz", f"{rate_hz:g}"] if mode == "realtime" else [])
+
+
+def served_metrics(run: dict[str, Any]) -> dict[str, Any]:
+    """The numbers the report is about, from one served scenario's JSON."""
+    node, win, bridges = run["node"], run["window"], run["bridges"]
+    period, age, work = node["tick_period_us"], node["obs_age_us"], node["tick_work_us"]
+    delivery = [b["action_delivery_us"] for b in bridges]
+    return {
+        "achieved_rate_hz": win["achieved_rate_hz"],
+        "achieved_rate_hz_whole": node["achieved_rate_hz"],
+        "miss_ratio": win["miss_ratio"],
+        "miss_ratio_whole": node["miss_ratio"],
+        "deadline_misses": win["deadline_misses"],
+        "ticks": win["ticks"],
+        "tick_period_std_us": period["std"],
+        "tick_period_p99_us": period["p99"],
+        "tick_period_max_us": period["max"],
+        "fresh_ratio": win["fresh_ratio"],
+        "fresh_ratio_whole": node["fresh_ratio"],
+        "obs_age_p50_us": age["p50"],
+        "obs_age_p99_us": age["p99"],
+        # one bridge: its own percentiles; several: the median p50 and the worst p99
+        "delivery_p50_us": float(np.median([d["p50"] for d in delivery])),
+        "delivery_p99_us": max(d["p99"] for d in delivery),
+        "tick_work_p50_us": work["p50"],
+        "tick_work_p99_us": work["p99"],
+        # the share of logged transitions whose action answered the observation before them
+        # (newer nodes only)
+        "on_time_ratio": node.get("on_time_ratio"),
+        "transitions_logged": node["transitions_logged"],
+        "transitions_sent": sum(b["transitions_sent"] for b in bridges),
+        "bridge_steps_per_s": sum(b["steps_per_s"] for b in bridges),
+        "bridge_deadline_misses": sum(b["deadline_misses"] for b in bridges),
+        "bridge_safe_steps": sum(b["safe_steps"] for b in bridges),
+        "stale_events": node["stale_events"],
+        "rejected_messages": node["rejected_messages"],
+    }
+
+
+# -- round-trip roles (this script again, with --role) -----------------------------------------
+def _obs_messages(count: int, seed: int) -> list[list[bytes | memoryview]]:
+    """The frames a bridge sends for HalfCheetah observations (step > 0: with the applied
+    action), built by the protocol module once, before the clock starts."""
+    rng = np.random.default_rng(seed)
+    msgs = []
+    for i in range(count):
+        obs = rng.standard_normal(17).astype(np.float32)
+        action = rng.uniform(-1, 1, 6).astype(np.float32)
+        now = P.now_ns()
+        fields = {
+            "bridge_id": "sim0",
+            "episode": 0,
+            "step": i + 1,
+            "reward": float(rng.normal()),
+            "terminated": False,
+            "truncated": False,
+            "applied_seq": i,
+            "applied_safe": False,
+            "t_obs_ns": now,
+            "t_send_ns": now,
+        }
+        msgs.append([bytes(f) for f in P.encode(P.OBS, fields, {"obs": obs, "action": action})])
+    return msgs
+
+
+def _serve_until_idle(sock: zmq.Socket, handle: Callable[[], None], idle_s: float = 60.0) -> None:
+    """Answer until no request has come for ``idle_s`` (or SIGTERM): an orphaned server ends."""
+    print("ready", file=sys.stderr, flush=True)
+    while sock.poll(round(idle_s * 1000)):
+        handle()
+
+
+def role_floor_server(endpoint: str, model: Path) -> None:
+    from models.policy import OnnxPolicy
+
+    policy = OnnxPolicy(model)
+    now = P.now_ns()
+    fields = {
+        "seq": 1,
+        "episode": 0,
+        "step": 1,
+        "model_id": policy.model_id,
+        "safe": False,
+        "t_obs_ns": now,
+        "t_recv_ns": now,
+        "t_send_ns": now,
+    }
+    # an action message's header, built once (the floor has no clock to stamp); the action
+    # frame is each inference's result
+    header = bytes(P.encode(P.ACTION, fields, {"action": np.zeros(6, np.float32)})[0])
+    sock = zmq.Context().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(endpoint)
+
+    def handle() -> None:
+        identity, _header, obs, *_ = sock.recv_multipart()
+        action = policy(np.frombuffer(obs, dtype=np.float32))
+        sock.send_multipart([identity, header, action])
+
+    _serve_until_idle(sock, handle)
+
+
+def torch_actor(model: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The actor as a torch eager MLP (17 -> 256 -> 256 -> 6, ReLU, tanh, scale and bias) with
+    the ONNX file's weights; checked against onnxruntime on a few observations."""
+    import onnx
+    import onnx.numpy_helper
+    import torch
+
+    torch.set_num_threads(1)
+    w = {
+        t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy())
+        for t in onnx.load(str(model)).graph.initializer
+    }
+    layers = [torch.nn.Linear(*reversed(w[f"{k}.weight"].shape)) for k in ("body.0", "body.2")]
+    head = torch.nn.Linear(*reversed(w["head.weight"].shape))
+    mlp = torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1], torch.nn.ReLU(), head)
+    with torch.no_grad():
+        for lin, k in zip([*layers, head], ("body.0", "body.2", "head"), strict=True):
+            lin.weight.copy_(w[f"{k}.weight"])
+            lin.bias.copy_(w[f"{k}.bias"])
+    mlp.eval()
+    scale, bias = w["action_scale"], w["action_bias"]
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            x = torch.from_numpy(obs).unsqueeze(0)
+            return (torch.tanh(mlp(x)) * scale + bias)[0].numpy()
+
+    from models.policy import OnnxPolicy
+
+    ref = OnnxPolicy(model)
+    probe = np.random.default_rng(1).standard_normal((16, 17)).astype(np.float32)
+    diff = max(float(np.abs(act(o) - ref(o)).max()) for o in probe)
+    if diff > 1e-4:
+        raise BenchError(f"torch MLP differs from the ONNX actor by {diff:.2e}")
+    return act
+
+
+def role_naive_server(endpoint: str, model: Path) -> None:
+    act = torch_actor(model)
+    sock = zmq.Context().socket(zmq.REP)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(endpoint)
+
+    def handle() -> None:
+        obs = np.frombuffer(sock.recv(), dtype=np.float32).copy()
+        sock.send(act(obs).tobytes())
+
+    _serve_until_idle(sock, handle)
+
+
+def role_client(kind: str, endpoint: str, trips: int, warmup: int, seed: int) -> dict[str, Any]:
+    """``trips`` timed round trips after ``warmup`` untimed ones; percentiles in µs."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER if kind == "floor" else zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    if kind == "floor":
+        msgs: list[Any] = _obs_messages(256, seed)
+
+        def trip(i: int) -> None:
+            sock.send_multipart(msgs[i & 255])
+            sock.recv_multipart()
+    else:
+        rng = np.random.default_rng(seed)
+        msgs = [rng.standard_normal(17).astype(np.float32).tobytes() for _ in range(256)]
+
+        def trip(i: int) -> None:
+            sock.send(msgs[i & 255])
+            sock.recv()
+
+    # the first answer waits for the server to load its model
+    if kind == "floor":
+        sock.send_multipart(msgs[0])
+    else:
+        sock.send(msgs[0])
+    if not sock.poll(round(READY_TIMEOUT_S * 1000)):
+        raise BenchError(f"{kind} server at {endpoint} did not answer in {READY_TIMEOUT_S:.0f} s")
+    sock.recv_multipart()
+    for i in range(warmup):
+        trip(i)
+    times = np.empty(trips, dtype=np.int64)
+    clock = time.perf_counter_ns
+    gc.disable()
+    t_start = clock()
+    for i in range(trips):
+        t0 = clock()
+        trip(i)
+        times[i] = clock() - t0
+    wall = (clock() - t_start) / 1e9
+    gc.enable()
+    sock.close(0)
+    ctx.term()
+    us = times / 1e3
+    return {
+        "kind": kind,
+        "round_trips": trips,
+        "warmup": warmup,
+        "p50_us": round(float(np.percentile(us, 50)), 1),
+        "p99_us": round(float(np.percentile(us, 99)), 1),
+        "p99.9_us": round(float(np.percentile(us, 99.9)), 1),
+        "max_us": round(float(us.max()), 1),
+        "mean_us": round(float(us.mean()), 1),
+        "trips_per_s": round(trips / wall, 1),
+    }
+
+
+def round_trips(children: Children, kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A ``kind`` (floor or naive) server process and a client process; the client's JSON."""
+    endpoint = free_tcp_endpoint()
+    me = [sys.executable, str(Path(__file__).resolve()), "--endpoint", endpoint]
+    server = children.start(
+        f"{kind}_server", [*me, "--role", f"{kind}-server", "--model", str(args.model)]
+    )
+    client = children.start(
+        f"{kind}_client",
+        [
+            *me,
+            "--role",
+            f"{kind}-client",
+            "--round-trips",
+            str(args.round_trips),
+            "--warmup-trips",
+            str(args.warmup_trips),
+            "--seed",
+            str(args.seed),
+        ],
+    )
+    try:
+        limit = READY_TIMEOUT_S + (args.round_trips + args.warmup_trips) * 0.005 + 30
+        result = client.result(limit)
+    except BenchError as e:
+        raise BenchError(f"{e}\n{server.tail()}") from None
+    children.stop(server)
+    return result
+
+
+# -- report -----------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def targets(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target: the measured value(s), the threshold and whether it was met (None: the
+    scenarios it needs did not run)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, label in (("realtime", "1 kHz"), ("bridges", "many bridges")):
+        s = m.get(key)
+        out[f"{key}_miss_ratio_le_0.1pct"] = {
+            "label": f"{label}: miss ratio <= 0.1%",
+            "value": None if s is None else s["miss_ratio"],
+            "met": None if s is None else s["miss_ratio"] <= 0.001,
+        }
+        out[f"{key}_fresh_ge_99pct"] = {
+            "label": f"{label}: fresh >= 99%",
+            "value": None if s is None else s["fresh_ratio"],
+            "met": None if s is None else s["fresh_ratio"] >= 0.99,
+        }
+    lock, floor, naive = m.get("lockstep"), m.get("floor"), m.get("naive")
+    ratio = lock["round_trip_p50_us"] / floor["p50_us"] if lock and floor else None
+    out["lockstep_p50_le_1.5x_floor"] = {
+        "label": "lockstep p50 <= 1.5x floor p50",
+        "value": ratio,
+        "ours_us": lock and lock["round_trip_p50_us"],
+        "floor_us": floor and floor["p50_us"],
+        "met": None if ratio is None else ratio <= 1.5,
+    }
+    ratio = naive["p99_us"] / lock["round_trip_p99_us"] if lock and naive else None
+    out["naive_p99_ge_2x_ours"] = {
+        "label": "naive p99 >= 2x ours (lockstep p99)",
+        "value": ratio,
+        "naive_us": naive and naive["p99_us"],
+        "ours_us": lock and lock["round_trip_p99_us"],
+        "met": None if ratio is None else ratio >= 2.0,
+    }
+    return out
+
+
+def _f(value: float | None, fmt: str = ".0f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def table(m: dict[str, Any], tgt: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    lines: list[str] = []
+    cols = [k for k in ("realtime", "bridges") if k in m]
+    if cols:
+        titles = {k: f"{m[k]['n_bridges']} x {m[k]['bridge_rate_hz']:g} Hz realtime" for k in cols}
+        head = f"{'node at ' + format(args.rate_hz, 'g') + ' Hz, logging on':<34}"
+        head += "".join(f"{titles[k]:>24}" for k in cols)
+        lines += [head, "-" * len(head)]
+        lines.append(
+            "(counts: window = every bridge connected -> first bridge exits; percentiles: "
+            "whole run)"
+        )
+
+        def row(label: str, fn: Callable[[dict[str, Any]], str]) -> None:
+            lines.append(f"{label:<34}" + "".join(f"{fn(m[k]):>24}" for k in cols))
+
+        row(
+            "achieved rate Hz (whole run)",
+            lambda s: f"{s['achieved_rate_hz']:.1f} ({s['achieved_rate_hz_whole']:.1f})",
+        )
+        row(
+            "deadline-miss ratio (whole run)",
+            lambda s: f"{100 * s['miss_ratio']:.3f}% ({100 * s['miss_ratio_whole']:.3f}%)",
+        )
+        row("  misses / ticks in window", lambda s: f"{s['deadline_misses']} / {s['ticks']}")
+        row(
+            "tick period std / p99 µs",
+            lambda s: f"{s['tick_period_std_us']:.0f} / {s['tick_period_p99_us']:.0f}",
+        )
+        row(
+            "fresh ratio (whole run)",
+            lambda s: f"{100 * s['fresh_ratio']:.2f}% ({100 * s['fresh_ratio_whole']:.2f}%)",
+        )
+        row(
+            "obs age when used p50 / p99 µs",
+            lambda s: f"{s['obs_age_p50_us']:.0f} / {s['obs_age_p99_us']:.0f}",
+        )
+        row(
+            "action delivery p50 / p99 µs",
+            lambda s: f"{s['delivery_p50_us']:.0f} / {s['delivery_p99_us']:.0f}",
+        )
+        row(
+            "node work per tick p50 / p99 µs",
+            lambda s: f"{s['tick_work_p50_us']:.0f} / {s['tick_work_p99_us']:.0f}",
+        )
+        row(
+            "transitions on time",
+            lambda s: _f(
+                None if s["on_time_ratio"] is None else 100 * s["on_time_ratio"], ".2f", "%"
+            ),
+        )
+        row(
+            "transitions logged / sent",
+            lambda s: f"{s['transitions_logged']} / {s['transitions_sent']}",
+        )
+        row("bridge steps/s (sum)", lambda s: f"{s['bridge_steps_per_s']:.0f}")
+        row(
+            "bridge misses / safe steps",
+            lambda s: f"{s['bridge_deadline_misses']} / {s['bridge_safe_steps']}",
+        )
+        row(
+            "stale events / rejected msgs",
+            lambda s: f"{s['stale_events']} / {s['rejected_messages']}",
+        )
+        lines.append("")
+
+    trips = [
+        ("lockstep", "lockstep bridge via node", "round_trip"),
+        ("floor", "floor: DEALER/ROUTER + ort", ""),
+        ("naive", "naive: REQ/REP + torch eager", ""),
+    ]
+    if any(k in m for k, _, _ in trips):
+        head = f"{'round trip, measured by the client':<34}{'p50 µs':>9}{'p99 µs':>9}"
+        head += f"{'max µs':>10}{'n':>9}{'per s':>9}"
+        lines += [head, "-" * len(head)]
+        for key, label, prefix in trips:
+            s = m.get(key)
+            if s is None:
+                continue
+            p = f"{prefix}_" if prefix else ""
+            n = s["round_trips"] if not prefix else s["round_trip_n"]
+            rate = s["steps_per_s"] if prefix else s["trips_per_s"]
+            lines.append(
+                f"{label:<34}{s[p + 'p50_us']:>9.1f}{s[p + 'p99_us']:>9.1f}"
+                f"{s[p + 'max_us']:>10.0f}{n:>9}{rate:>9.0f}"
+            )
+        lines.append("")
+
+    lines.append("targets (node counters over the steady window)")
+    for key, t in tgt.items():
+        met = {True: "met", False: "MISSED", None: "not run"}[t["met"]]
+        if key.startswith("lockstep"):
+            value = (
+                f"{_f(t['ours_us'], '.1f')} / {_f(t['floor_us'], '.1f')} µs = "
+                f"{_f(t['value'], '.2f', 'x')}"
+            )
+        elif key.startswith("naive"):
+            value = (
+                f"{_f(t['naive_us'], '.1f')} / {_f(t['ours_us'], '.1f')} µs = "
+                f"{_f(t['value'], '.2f', 'x')}"
+            )
+        else:
+            value = "-" if t["value"] is None else f"{100 * t['value']:.3f}%"
+        lines.append(f"  {t['label']:<40}{value:>34}   {met}")
+    return "\n".join(lines)
+
+
+# -- main -------------------------------------------------------------------------------------
+def _raise_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def run_all(args: argparse.Namespace, children: Children, tmp: Path) -> dict[str, Any]:
+    raw: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    load: dict[str, Any] = {}
+    for name in args.scenarios:
+        load_before = os.getloadavg()
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
+        if name == "realtime":
+            flags = [bridge_flags("sim0", "realtime", args.rate_hz, args.seed)]
+            run = served(children, args.model, args.rate_hz, flags, args.seconds, tmp, name)
+            metrics[name] = {**served_metrics(run), "bridge_rate_hz": args.rate_hz, "n_bridges": 1}
+        elif name == "lockstep":
+            flags = [bridge_flags("lock0", "lockstep", 0, args.seed)]
+            run = served(
+                children, args.model, args.rate_hz, flags, args.lockstep_seconds, tmp, name
+            )
+            b = run["bridges"][0]
+            metrics[name] = {
+                "round_trip_p50_us": b["round_trip_us"]["p50"],
+                "round_trip_p99_us": b["round_trip_us"]["p99"],
+                "round_trip_max_us": b["round_trip_us"]["max"],
+                "round_trip_n": b["round_trip_us"]["n"],
+                "steps_per_s": b["steps_per_s"],
+                "transitions_logged": run["node"]["transitions_logged"],
+                "transitions_sent": b["transitions_sent"],
+                "deadline_misses_node": run["window"]["deadline_misses"],
+            }
+        elif name in ("floor", "naive"):
+            run = round_trips(children, name, args)
+            metrics[name] = run
+        else:
+            flags = [
+                bridge_flags(f"sim{i}", "realtime", args.bridge_rate_hz, args.seed + 1000 * i)
+                for i in range(args.bridges)
+            ]
+            run = served(children, args.model, args.rate_hz, flags, args.seconds, tmp, name)
+            metrics[name] = {
+                **served_metrics(run),
+                "bridge_rate_hz": args.bridge_rate_hz,
+                "n_bridges": args.bridges,
+            }
+        raw[name] = run
+        load[name] = {"before": load_before, "after": os.getloadavg()}
+    return {"metrics": metrics, "raw": raw, "loadavg_per_scenario": load}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="ONNX actor (17 -> 6)")
+    parser.add_argument(
+        "--rate-hz", type=float, default=1000.0, help="node rate (and scenario 1's bridge rate)"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="bridge duration in the realtime and many-bridge scenarios",
+    )
+    parser.add_argument(
+        "--lockstep-seconds", type=float, default=20.0, help="lockstep bridge duration"
+    )
+    parser.add_argument(
+        "--round-trips",
+        type=int,
+        default=20_000,
+        help="timed round trips for the floor and the naive baseline",
+    )
+    parser.add_argument(
+        "--warmup-trips",
+        type=int,
+        default=None,
+        help="untimed round trips first (default: a tenth, at least 200)",
+    )
+    parser.add_argument("--bridges", type=int, default=10, help="bridges in the last scenario")
+    parser.add_argument(
+        "--bridge-rate-hz",
+        type=float,
+        default=100.0,
+        help="each bridge's rate in the last scenario",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)}",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
+    # hidden: this script as a round-trip server or client process
+    parser.add_argument(
+        "--role",
+        help=argparse.SUPPRESS,
+        choices=["floor-server", "naive-server", "floor-client", "naive-client"],
+    )
+    parser.add_argument("--endpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.warmup_trips is None:
+        args.warmup_trips = max(200, args.round_trips // 10)
+
+    if args.role:
+        kind, part = args.role.split("-")
+        if part == "server":
+            (role_floor_server if kind == "floor" else role_naive_server)(args.endpoint, args.model)
+        else:
+            result = role_client(
+                kind, args.endpoint, args.round_trips, args.warmup_trips, args.seed
+            )
+            print(json.dumps(result, indent=2), flush=True)
+        return 0
+
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = sorted(set(args.scenarios) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"--scenarios: unknown {unknown}; choose from {', '.join(SCENARIOS)}")
+    if not args.model.is_file():
+        parser.error(f"--model {args.model}: no such file")
+    args.model = args.model.resolve()
+    short = args.seconds < 60 or args.lockstep_seconds < 20 or args.round_trips < 20_000
+    if short:
+        print(
+            "note: shortened run (defaults: --seconds 60 --lockstep-seconds 20 "
+            "--round-trips 20000); fine for a smoke test, not for the targets",
+            file=sys.stderr,
+        )
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_exit)
+    command = [sys.executable, *sys.argv] if argv is None else [sys.executable, __file__, *argv]
+    load_before = os.getloadavg()
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="control_loop_") as tmp_name:
+        tmp = Path(tmp_name)
+        children = Children(tmp)
+        try:
+            results = run_all(args, children, tmp)
+        except BenchError as e:
+            print(f"control_loop: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("control_loop: interrupted; stopping child processes", file=sys.stderr)
+            return 130
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+            children.stop_all()
+    load_after = os.getloadavg()
+
+    metrics = results["metrics"]
+    tgt = targets(metrics)
+    import onnxruntime
+    import torch
+
+    result = {
+        "what": "control node + simulator bridges as processes over ZeroMQ, HalfCheetah-v5",
+        "command": shlex.join(command),
+        "argv": command,
+        "cwd": os.getcwd(),
+        "short_run": short,
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("role", "endpoint")
+        },
+        "elapsed_s": round(time.monotonic() - t0, 1),
+        "metrics": metrics,
+        "targets": tgt,
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cpus": os.cpu_count(),
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+            "loadavg_per_scenario": results["loadavg_per_scenario"],
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "pyzmq": zmq.__version__,
+            "libzmq": zmq.zmq_version(),
+            "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__,
+        },
+        "runs": results["raw"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(metrics, tgt, args))
+    print(
+        f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on "
+        f"{os.cpu_count()} cores ({cpu_model()}); {result['elapsed_s']:.0f} s; JSON in {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
