@@ -90,6 +90,9 @@ class BridgeConfig:
     watchdog_ms: float = 100.0
     """Realtime: hold the last action this long, then apply the safe action. Lockstep: wait
     this long for an answer before re-announcing to the node."""
+    spin_us: float = 2000.0
+    """Lockstep: busy-poll this long for each answer before sleeping; the answer usually comes
+    within it, which saves a process wake-up per step (a core's worth of CPU while it runs)."""
     seed: int = 0
     """Episode i resets with seed + i (as ddpg eval does)."""
     episodes: int = 0
@@ -107,7 +110,7 @@ class BridgeConfig:
         if self.restart not in ("never", "on-failure", "always"):
             raise ConfigError(f"restart = {self.restart!r}: choose never, on-failure or always")
         _positive(self, "rate_hz", "watchdog_ms")
-        _non_negative(self, "seed", "episodes", "max_episode_steps", "max_restarts")
+        _non_negative(self, "seed", "episodes", "max_episode_steps", "max_restarts", "spin_us")
         if not self.id or not self.id.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"id = {self.id!r}: use letters, digits, '-' and '_'")
         _check_endpoint("node", self.node)

@@ -154,6 +154,7 @@ class ControlNode:
             )
         self.safe_action = np.clip(safe, self.act_low, self.act_high).astype(np.float32)
         self.period_ns = round(1e9 / cfg.rate_hz)
+        P.set_timer_slack()
 
         self.ctx = zmq.Context()
         self.sock = self._bind(zmq.ROUTER, cfg.bind, "bind")

@@ -109,6 +109,17 @@ def now_ns() -> int:
     return time.monotonic_ns()
 
 
+def set_timer_slack(ns: int = 1000) -> None:
+    """Ask Linux to wake this thread within ``ns`` of its timeouts: the default slack of 50 us
+    is a twentieth of a 1 kHz period. Ignored where prctl is unavailable."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(29, ns, 0, 0, 0)  # PR_SET_TIMERSLACK
+    except (OSError, AttributeError):
+        pass
+
+
 def encode(
     msg_type: str, fields: dict[str, Any], arrays: dict[str, np.ndarray] | None = None
 ) -> list[bytes | memoryview]:

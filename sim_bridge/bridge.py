@@ -72,6 +72,7 @@ class Bridge:
         self.sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue observations for a node not there
         self.sock.connect(cfg.node)
         self.fd = self.sock.getsockopt(zmq.FD)
+        P.set_timer_slack()
         self._stop = False
         self.connected = False
         self.model_id = ""
@@ -199,6 +200,10 @@ class Bridge:
         """Take in messages until ``t_target`` (monotonic ns), or until the awaited lockstep
         answer arrives, or a welcome; keep saying hello while no node has welcomed us."""
         was_connected = self.connected
+        if self._waiting_for is not None and self.cfg.spin_us > 0:
+            spin_end = min(t_target, P.now_ns() + round(self.cfg.spin_us * 1e3))
+            while self._answer is None and P.now_ns() < spin_end:
+                self._drain()
         while not self._stop:
             self._drain()
             if self._waiting_for is not None and self._answer is not None:

@@ -33,6 +33,18 @@ CHEETAH = ROOT / "models" / "zoo" / "halfcheetah" / "actor.onnx"
 DDPG = [sys.executable, "-m", "control_node"]
 ENV = {**os.environ, "MUJOCO_GL": "egl"}
 T = TypeVar("T")
+STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftovers() -> Iterator[None]:
+    """A failing test must not leave a node or bridge running (they hold ports and CPU)."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) -> T:
@@ -88,28 +100,27 @@ def start_node(
         text=True,
         env=ENV,
     )
+    STARTED.append(proc)
     node = Node(proc, bind, admin, log_dir)
     wait_for("the node's admin socket", lambda: proc.poll() is None and node.status())
     return node
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = start_node(tmp_path)
-    yield n
-    if n.proc.poll() is None:
-        n.proc.kill()
-        n.proc.communicate()
+def node(tmp_path: Path) -> Node:
+    return start_node(tmp_path)
 
 
 def start_bridge(node_addr: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [*DDPG, "bridge", "--node", node_addr, *args, "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
     )
+    STARTED.append(proc)
+    return proc
 
 
 def stop_bridge(proc: subprocess.Popen[str]) -> dict[str, Any]:
