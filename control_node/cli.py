@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("control_node.launch", "start a node and its bridges from launch.yaml"),
     "status": ("control_node.admin_cli", "show a running node's status (--watch: live view)"),
     "logs": ("control_node.logs_cli", "summarise a transition log directory"),
+    "retrain": ("training.retrain_cli", "continue DDPG from logged transitions; export the actor"),
+    "deploy": ("control_node.deploy_cli", "hot-swap a new actor into a running node"),
 }
 
 

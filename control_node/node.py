@@ -24,12 +24,14 @@ import collections
 import contextlib
 import math
 import os
+import queue
 import select
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -88,6 +90,51 @@ class Samples:
         }
 
 
+class SentAction(NamedTuple):
+    """What the node remembers of an action it sent, until the transition that used it."""
+
+    model_id: str
+    safe: bool
+    t_send: int
+    episode: int
+    step: int
+    """The observation it answered."""
+    shadow_model_id: str
+    shadow_action: np.ndarray | None
+
+
+class ShadowStats:
+    """How far a shadow candidate's actions are from the live ones (L-inf per action)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.max = 0.0
+        self.over_10pct = 0  # actions differing by more than 10% of the action range
+
+    def add(self, diffs: np.ndarray, ranges: np.ndarray) -> None:
+        if diffs.size == 0:
+            return
+        per_action = diffs.max(axis=1)
+        self.count += len(per_action)
+        self.total += float(per_action.sum())
+        self.max = max(self.max, float(per_action.max()))
+        self.over_10pct += int((diffs > 0.1 * ranges).any(axis=1).sum())
+
+    def summary(self) -> dict[str, float]:
+        n = self.count
+        return {
+            "actions": n,
+            "mean_abs_diff": self.total / n if n else 0.0,
+            "max_abs_diff": self.max,
+            "share_over_10pct_of_range": self.over_10pct / n if n else 0.0,
+        }
+
+
+UNKNOWN_ACTION = SentAction("", True, 0, -1, -1, "", None)
+"""An applied action the node did not send (the bridge's own safe action, or too old)."""
+
+
 @dataclass
 class BridgeState:
     """What the node knows about one connected bridge."""
@@ -106,9 +153,8 @@ class BridgeState:
     prev: P.Message | None = None
     """Previous observation of the running episode: the start of the next transition."""
     seq: int = 0
-    sent: dict[int, tuple[str, bool, int, int, int]] = field(default_factory=dict)
-    """Recent actions: seq -> (model id, safe flag, send time, episode, step answered), to label
-    logged transitions."""
+    sent: dict[int, SentAction] = field(default_factory=dict)
+    """Recent actions by sequence number, to label logged transitions."""
     episode: int = -1
     ep_return: float = 0.0
     ep_length: int = 0
@@ -160,7 +206,21 @@ class ControlNode:
         self.sock = self._bind(zmq.ROUTER, cfg.bind, "bind")
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises, not vanishes
         self.admin = self._bind(zmq.ROUTER, cfg.admin, "admin")
-        self.fds = [self.sock.getsockopt(zmq.FD), self.admin.getsockopt(zmq.FD)]
+        # a loader thread hands finished deploys to the loop through this queue and wakes it
+        # through the pipe (its read end sits in the loop's select beside the sockets)
+        self._loaded: queue.SimpleQueue[tuple[bytes, bool, int, OnnxPolicy | str]] = (
+            queue.SimpleQueue()
+        )
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._loading = False
+        self._misses_at_request = 0
+        self.previous: OnnxPolicy | None = None
+        self.shadow: OnnxPolicy | None = None
+        self.shadow_stats = ShadowStats()
+        self.deploys: list[dict[str, Any]] = []
+        self._first_action_of: dict[str, Any] | None = None
+        self.fds = [self.sock.getsockopt(zmq.FD), self.admin.getsockopt(zmq.FD), self._wake_r]
 
         self.translog: TransitionLog | None = None
         if cfg.log_dir is not None:
@@ -271,6 +331,9 @@ class ControlNode:
             if admin.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 frames = admin.recv_multipart(zmq.NOBLOCK)
                 self._on_admin(frames[0], frames[-1])
+                busy = True
+            if not self._loaded.empty():
+                self._finish_deploy(*self._loaded.get())
                 busy = True
             if not busy:
                 return
@@ -517,9 +580,10 @@ class ControlNode:
 
     def _log_transition(self, b: BridgeState, prev: P.Message, msg: P.Message) -> None:
         seq = msg["applied_seq"]
-        model_id, safe, t_action, episode, step = b.sent.get(seq, ("", True, 0, -1, -1))
-        safe = safe or msg["applied_safe"]
-        if (episode, step) == (prev["episode"], prev["step"]):
+        sent = b.sent.get(seq, UNKNOWN_ACTION)
+        model_id, t_action = sent.model_id, sent.t_send
+        safe = sent.safe or msg["applied_safe"]
+        if (sent.episode, sent.step) == (prev["episode"], prev["step"]):
             b.on_time += 1
         if model_id and not msg["applied_safe"]:  # the bridge's own safe steps label nothing
             b.ep_models.add(model_id)
@@ -545,6 +609,8 @@ class ControlNode:
                 t_obs_ns=prev["t_obs_ns"],
                 t_action_ns=t_action,
                 t_next_obs_ns=msg["t_obs_ns"],
+                shadow_model_id=sent.shadow_model_id,
+                shadow_action=sent.shadow_action,
             )
         )
         self.log_handoff.add(P.now_ns() - t0)
@@ -584,7 +650,18 @@ class ControlNode:
             self.non_finite_obs += int((~finite).sum())
             actions = np.where(ok[:, None], actions, self.safe_action)
         actions = np.clip(actions, self.act_low, self.act_high).astype(np.float32, copy=False)
-        for b, msg, t_recv, action, good in zip(bridges, msgs, recv_ns, actions, ok, strict=True):
+        shadow_actions = None
+        if self.shadow is not None:  # the candidate answers too; only the live action is sent
+            obs_batch = np.stack([m.arrays["obs"] for m in msgs])
+            obs_batch[~finite] = 0.0
+            shadow_actions = np.clip(self.shadow(obs_batch), self.act_low, self.act_high)
+            self.shadow_stats.add(
+                np.abs(shadow_actions - actions)[ok], self.act_high - self.act_low
+            )
+        shadow_id = self.shadow.model_id if self.shadow is not None else ""
+        for i, (b, msg, t_recv, action, good) in enumerate(
+            zip(bridges, msgs, recv_ns, actions, ok, strict=True)
+        ):
             b.seq += 1
             safe = not bool(good)
             t_send = P.now_ns()
@@ -603,13 +680,21 @@ class ControlNode:
                 self.rejected["non_finite"] += 1
                 fields["note"] = "non-finite observation or action: safe action sent"
             self._send(b.identity, P.encode(P.ACTION, fields, {"action": action}))
-            b.sent[b.seq] = (self.model_id, safe, t_send, msg["episode"], msg["step"])
+            shadow = None if shadow_actions is None else shadow_actions[i]
+            b.sent[b.seq] = SentAction(
+                self.model_id, safe, t_send, msg["episode"], msg["step"], shadow_id, shadow
+            )
             if len(b.sent) > 512:
                 for old in [s for s in b.sent if s <= b.seq - 256]:
                     del b.sent[old]
             b.answered += 1
             self.obs_age.add(t_send - msg["t_obs_ns"])
             self.latency.add(t_send - t_recv)
+        if self._first_action_of is not None and not all(not g for g in ok):
+            deploy, self._first_action_of = self._first_action_of, None
+            deploy["request_to_first_action_ms"] = round(
+                (P.now_ns() - deploy["t_request"]) / 1e6, 3
+            )
 
     # -- admin ----------------------------------------------------------------------------------
     def _on_admin(self, identity: bytes, frame: bytes) -> None:
@@ -623,10 +708,102 @@ class ControlNode:
             elif cmd == "shutdown":
                 self.request_stop()
                 reply = {"ok": True, "status": self.status()}
+            elif cmd == "deploy":
+                reply = self._start_deploy(identity, request)
+                if reply is None:
+                    return  # answered when the model is loaded and swapped in
+            elif cmd == "rollback":
+                reply = self._rollback()
             else:
                 reply = {"ok": False, "error": f"unknown admin command {cmd!r}"}
         except Exception as e:  # admin input is untrusted too: answer, never crash the loop
             reply = {"ok": False, "error": f"bad admin request: {e}"}
+        self._admin_reply(identity, reply)
+
+    # -- deploy ---------------------------------------------------------------------------------
+    def _start_deploy(self, identity: bytes, request: dict[str, Any]) -> dict[str, Any] | None:
+        """Load and check the model in a thread, off the hot path; the loop swaps it in when
+        it is ready (between two ticks) and answers the request then."""
+        path, shadow = request.get("path"), bool(request.get("shadow", False))
+        if not isinstance(path, str) or not path:
+            return {"ok": False, "error": "deploy needs 'path': the ONNX model file"}
+        if self._loading:
+            return {"ok": False, "error": "another deploy is loading; try again when it is done"}
+        if self.state != "running":
+            return {"ok": False, "error": f"the node is {self.state}"}
+        self._loading = True
+        t_request = P.now_ns()
+        self._misses_at_request = self.deadline_misses
+        threading.Thread(
+            target=self._load, args=(identity, path, shadow, t_request), daemon=True
+        ).start()
+        return None
+
+    def _load(self, identity: bytes, path: str, shadow: bool, t_request: int) -> None:
+        """Loader thread: the runtime policy's checks, plus the live model's (and so every
+        connected bridge's) env, observation shape and action bounds."""
+        result: OnnxPolicy | str
+        try:
+            candidate = OnnxPolicy(path, expect=_spec_of(self.policy), provider=self.cfg.provider)
+            result = candidate
+        except PolicyError as e:
+            result = str(e)
+        except Exception as e:  # anything else is a refusal too; the old model keeps serving
+            result = f"{path}: {type(e).__name__}: {e}"
+        self._loaded.put((identity, shadow, t_request, result))
+        os.write(self._wake_w, b"x")
+
+    def _finish_deploy(
+        self, identity: bytes, shadow: bool, t_request: int, result: OnnxPolicy | str
+    ) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 64)
+        self._loading = False
+        t_swap = P.now_ns()
+        if isinstance(result, str):
+            self.deploys.append({"ok": False, "error": result, "shadow": shadow})
+            self.log(f"node: deploy refused: {result}")
+            self._admin_reply(identity, {"ok": False, "error": result})
+            return
+        record: dict[str, Any] = {
+            "ok": True,
+            "model_id": result.model_id,
+            "previous": self.model_id,
+            "shadow": shadow,
+            "path": str(result.path),
+            "request_to_swap_ms": round((t_swap - t_request) / 1e6, 3),
+            "at_tick": self.ticks,
+            "misses_during_load": self.deadline_misses - self._misses_at_request,
+            "t_request": t_request,
+        }
+        if shadow:
+            self.shadow, self.shadow_stats = result, ShadowStats()
+            self.log(f"node: shadowing {result.model_id} beside {self.model_id}")
+        else:
+            self.previous, self.policy, self.shadow = self.policy, result, None
+            self.model_id = result.model_id
+            self.model_ids.add(result.model_id)
+            self._first_action_of = record
+            self.log(f"node: now serving {result.model_id} (was {record['previous']})")
+        self.deploys.append(record)
+        reply = {k: v for k, v in record.items() if k != "t_request"}
+        self._admin_reply(identity, {"ok": True, "deploy": reply})
+
+    def _rollback(self) -> dict[str, Any]:
+        if self.previous is None:
+            return {"ok": False, "error": "no previous model to roll back to"}
+        old = self.model_id
+        self.policy, self.previous = self.previous, self.policy
+        self.model_id = self.policy.model_id
+        self.model_ids.add(self.model_id)
+        record = {"ok": True, "model_id": self.model_id, "previous": old, "rollback": True,
+                  "at_tick": self.ticks, "t_request": P.now_ns()}  # fmt: skip
+        self._first_action_of = record
+        self.deploys.append(record)
+        self.log(f"node: rolled back to {self.model_id} (from {old})")
+        return {"ok": True, "deploy": {k: v for k, v in record.items() if k != "t_request"}}
+
+    def _admin_reply(self, identity: bytes, reply: dict[str, Any]) -> None:
         with contextlib.suppress(zmq.ZMQError):
             self.admin.send_multipart([identity, msgpack.packb(reply)], zmq.NOBLOCK)
 
@@ -687,6 +864,11 @@ class ControlNode:
                 for m, r in self.returns_by_model.items()
             },
             "recent_episodes": list(self.episode_log)[-10:],
+            "previous_model_id": self.previous.model_id if self.previous else None,
+            "shadow": None
+            if self.shadow is None
+            else {"model_id": self.shadow.model_id, **self.shadow_stats.summary()},
+            "deploys": [{k: v for k, v in d.items() if k != "t_request"} for d in self.deploys],
             "bridges": [self._bridge_status(b, now) for b in self.bridges.values()],
             "endpoints": {"bind": self.cfg.bind, "admin": self.cfg.admin},
         }
@@ -737,6 +919,11 @@ class ControlNode:
     def close(self) -> None:
         if self.translog is not None:
             self.translog.close()
+        for fd in (getattr(self, "_wake_r", None), getattr(self, "_wake_w", None)):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = None  # type: ignore[assignment]
         for sock in (getattr(self, "sock", None), getattr(self, "admin", None)):
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
@@ -749,6 +936,11 @@ class _HelloSpec:
     obs_shape: tuple[int, ...]
     act_low: np.ndarray
     act_high: np.ndarray
+
+
+def _spec_of(policy: OnnxPolicy) -> _HelloSpec:
+    meta = policy.metadata
+    return _HelloSpec(meta.env_id, tuple(meta.obs_shape), meta.act_low, meta.act_high)
 
 
 def summary_line(status: dict[str, Any]) -> str:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from loop_helpers import kill_started
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -27,3 +29,10 @@ def tiny_overrides(tmp_path: Path) -> dict[str, Any]:
         "export": False,  # export is tested in test_export and the smoke run
         "out": str(tmp_path / "run"),
     }
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftover_processes() -> Iterator[None]:
+    """A failing test must not leave a node or bridge running (they hold ports and CPU)."""
+    yield
+    kill_started()
