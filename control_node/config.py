@@ -117,6 +117,35 @@ class BridgeConfig:
 
 
 @dataclass
+class ContinualConfig:
+    """Continual mode: retrain from the newest logs and deploy, behind an evaluation gate."""
+
+    enabled: bool = False
+    """Off by default; ``ddpg launch --continual`` turns it on."""
+    every_transitions: int = 2000
+    """Retrain each time this many new transitions have been committed to the log."""
+    updates: int = 1000
+    """DDPG updates per retraining round."""
+    init: str | None = None
+    """Run directory the first round continues from (checkpoint.pt, config.yaml); null starts
+    fresh. Later rounds continue from the last deployed candidate."""
+    eval_episodes: int = 5
+    """Episodes of the candidate and of the live actor in the gate's own simulator."""
+    eval_seed: int = 20000
+    """Episode i of the gate's evaluation resets with eval_seed + i (the same for both)."""
+    margin: float = 0.0
+    """Deploy only if the candidate's mean return >= the live actor's - margin."""
+    out_dir: str = "runs/continual"
+    """Where each round's run directory and decisions.jsonl go (relative to launch.yaml)."""
+    max_rounds: int = 0
+    """Stop retraining after this many rounds (0: no limit)."""
+
+    def validate(self) -> None:
+        _positive(self, "every_transitions", "updates", "eval_episodes")
+        _non_negative(self, "margin", "max_rounds", "eval_seed")
+
+
+@dataclass
 class LaunchConfig:
     """A deployment: one node and its bridges (``ddpg launch launch.yaml``)."""
 
@@ -124,6 +153,8 @@ class LaunchConfig:
     """The control node."""
     bridges: list[BridgeConfig] = field(default_factory=list)
     """Simulator bridges, each its own process; each connects to node.bind."""
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
+    """Retrain from the log and deploy while the loop runs (off by default)."""
     duration_s: float = 0.0
     """Stop after this many seconds (0: until Ctrl-C); --duration overrides it."""
     ready_timeout_s: float = 30.0
@@ -256,9 +287,9 @@ def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
     return obj
 
 
-def load_launch(path: Path) -> LaunchConfig:
+def load_launch(path: Path, check_ports: bool = True) -> LaunchConfig:
     """Load ``launch.yaml``; the model path is resolved against the file's directory and must
-    exist, and the node's ports must be free."""
+    exist, and (with ``check_ports``) the node's ports must be free."""
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as e:
@@ -277,7 +308,14 @@ def load_launch(path: Path) -> LaunchConfig:
     cfg.node.model = str(model)
     if cfg.node.log_dir is not None and not Path(cfg.node.log_dir).is_absolute():
         cfg.node.log_dir = str((path.parent / cfg.node.log_dir).resolve())
-    for key in ("bind", "admin"):
+    cont = cfg.continual
+    cont.out_dir = str((path.parent / cont.out_dir).resolve())
+    if cont.init is not None:
+        init = (path.parent / cont.init).resolve()
+        if not (init / "checkpoint.pt").is_file():
+            raise ConfigError(f"{path}: continual.init = {cont.init!r}: no checkpoint.pt in {init}")
+        cont.init = str(init)
+    for key in ("bind", "admin") if check_ports else ():
         address = getattr(cfg.node, key)
         if port_in_use(address):
             raise ConfigError(f"{path}: node.{key} = {address!r}: port is already in use")

@@ -23,6 +23,7 @@ from typing import Any
 
 from control_node.admin import AdminError, request
 from control_node.config import BridgeConfig, ConfigError, LaunchConfig, NodeConfig, load_launch
+from control_node.continual import read_decisions
 
 EXAMPLES = """\
 examples:
@@ -46,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
         "--quiet", action="store_true", help="no periodic status lines while it runs"
+    )
+    parser.add_argument(
+        "--continual",
+        action="store_true",
+        help="retrain from the log and deploy while it runs (the file's continual section)",
     )
 
 
@@ -121,7 +127,7 @@ def _last_json(text: str) -> dict[str, Any] | None:
 
 
 class Launcher:
-    def __init__(self, cfg: LaunchConfig, quiet: bool = False) -> None:
+    def __init__(self, cfg: LaunchConfig, launch_file: Path, quiet: bool = False) -> None:
         self.cfg, self.quiet = cfg, quiet
         py = [sys.executable, "-m", "control_node"]
         self.node = Child("node", [*py, "serve", *_flags(cfg.node), "--json"])
@@ -132,6 +138,10 @@ class Launcher:
             )
             for b in cfg.bridges
         ]
+        self.continual: Child | None = None
+        if cfg.continual.enabled:
+            argv = [sys.executable, "-m", "control_node.continual", str(launch_file)]
+            self.continual = Child("continual", argv)
         self._stop = False
 
     def request_stop(self) -> None:
@@ -186,6 +196,8 @@ class Launcher:
         for child in self.bridges:
             child.start()
         self._wait_ready()
+        if self.continual is not None:
+            self.continual.start()
 
     def _supervise(self, child: Child, bcfg: BridgeConfig) -> None:
         """Restart a bridge that exited, per its policy."""
@@ -213,6 +225,7 @@ class Launcher:
 
     def run(self, duration_s: float | None) -> dict[str, Any]:
         start = time.monotonic()
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
         try:
             self._start()
             self._say(
@@ -251,6 +264,8 @@ class Launcher:
             return self._finish(time.monotonic() - start, error=str(e))
 
     def _finish(self, wall_s: float, error: str | None) -> dict[str, Any]:
+        if self.continual is not None and self.continual.alive():
+            self.continual.stop()
         bridge_summaries = []
         for child in self.bridges:
             if child.alive():
@@ -269,7 +284,10 @@ class Launcher:
                 out, _ = self.node.proc.communicate()
             self.node.outputs.append(out or "")
         node = _last_json("".join(self.node.outputs)) or {}
-        return summarize(self.cfg, node, bridge_summaries, self.bridges, wall_s, error)
+        summary = summarize(self.cfg, node, bridge_summaries, self.bridges, wall_s, error)
+        if self.continual is not None:
+            summary["continual"] = read_decisions(Path(self.cfg.continual.out_dir), self.started)
+        return summary
 
 
 def summarize(
@@ -302,6 +320,7 @@ def summarize(
         "episodes": node.get("episodes", 0),
         "mean_return": node.get("mean_return"),
         "returns_by_model": node.get("returns_by_model", {}),
+        "deploys": node.get("deploys", []),
         "rejected_messages": node.get("rejected_messages", 0),
         "safe_actions": node.get("safe_actions", 0),
         "log_dir": cfg.node.log_dir,
@@ -336,6 +355,22 @@ def render(s: dict[str, Any]) -> str:
         + ("-" if mean is None else f"{mean:.1f}")
         + f"; model ids {', '.join(s['model_ids'])}",
     ]
+    for model, r in s["returns_by_model"].items():
+        lines.append(
+            f"  model {model}: {r['episodes']} episodes, mean return {r['mean']:.1f} ± {r['std']:.1f}"
+        )
+    for d in s["deploys"]:
+        if d.get("ok") and not d.get("shadow"):
+            lines.append(
+                f"  deploy at tick {d['at_tick']}: {d['previous']} -> {d['model_id']}, swapped "
+                f"{d.get('request_to_swap_ms', 0):.0f} ms after the request, "
+                f"{d.get('misses_during_load', 0)} deadline misses meanwhile"
+            )
+    for c in s.get("continual", []):
+        lines.append(
+            f"  continual round {c['round']} ({c['transitions']} transitions): "
+            f"{'deployed' if c['deploy'] else 'kept live'}: {c['reason']}"
+        )
     for b in s["bridges"]:
         m = "-" if b["mean_return"] is None else f"{b['mean_return']:.1f}"
         lines.append(
@@ -357,7 +392,12 @@ def run(args: argparse.Namespace) -> int:
     if duration is not None and duration <= 0:
         print(f"ddpg launch: error: --duration {duration}: must be > 0", file=sys.stderr)
         return 1
-    launcher = Launcher(cfg, quiet=args.quiet)
+    if args.continual:
+        cfg.continual.enabled = True
+    if cfg.continual.enabled and cfg.node.log_dir is None:
+        print("ddpg launch: error: continual mode needs node.log_dir", file=sys.stderr)
+        return 1
+    launcher = Launcher(cfg, args.launch_file, quiet=args.quiet)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: launcher.request_stop())
     summary = launcher.run(duration)

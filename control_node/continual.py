@@ -1,0 +1,161 @@
+"""Continual mode: a trainer process beside the loop that retrains from the newest logs and
+deploys the result, but only through an evaluation gate.
+
+Every ``every_transitions`` newly committed transitions it runs ``ddpg retrain`` on the whole
+log (continuing from the last deployed candidate, or from ``init``), then evaluates the
+candidate and the live actor in its own simulator on the same seeds (``evaluate`` with a fresh
+environment: what a lockstep bridge measures, and bit-identical to it). It deploys through the
+node's admin socket only if the candidate's mean return is not worse than the live actor's by
+more than ``margin``. Every decision is appended to ``OUT_DIR/decisions.jsonl`` with its figures.
+
+This process imports torch (it trains); it is started by ``ddpg launch`` as its own process, so
+the serving path stays torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from control_node.admin import AdminError, request
+from control_node.config import ConfigError, load_launch
+
+POLL_S = 0.5
+
+
+class Continual:
+    def __init__(self, launch_file: Path) -> None:
+        cfg = load_launch(launch_file, check_ports=False)
+        self.cfg, self.c = cfg, cfg.continual
+        if cfg.node.log_dir is None:
+            raise ConfigError("continual mode needs node.log_dir: it retrains from the log")
+        self.log_dir = Path(cfg.node.log_dir)
+        self.out = Path(self.c.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.decisions = self.out / "decisions.jsonl"
+        self.init: Path | None = Path(self.c.init) if self.c.init else None
+        self.live_path = Path(cfg.node.model)
+        self._stop = False
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def _say(self, line: str) -> None:
+        print(f"continual: {line}", file=sys.stderr, flush=True)
+
+    def _committed(self) -> int:
+        return int(request(self.cfg.node.admin, "status", 2.0)["status"]["transitions_logged"])
+
+    def run(self) -> None:
+        rounds = 0
+        last = 0
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        while not self._stop and not (self.c.max_rounds and rounds >= self.c.max_rounds):
+            try:
+                committed = self._committed()
+            except AdminError:
+                committed = last  # the node is starting or stopping; look again later
+            if committed - last < self.c.every_transitions:
+                time.sleep(POLL_S)
+                continue
+            rounds += 1
+            last = committed
+            self._round(rounds, committed, self.out / f"{stamp}-round{rounds}")
+
+    def _round(self, n: int, committed: int, run_dir: Path) -> None:
+        from training.retrain import retrain
+
+        from models.policy import OnnxPolicy
+        from sim_bridge.envs import make_env
+        from training.evaluation import evaluate
+
+        t0 = time.monotonic()
+        self._say(f"round {n}: retraining on {committed} logged transitions")
+        result = retrain(
+            [self.log_dir],
+            run_dir,
+            init=self.init,
+            updates=self.c.updates,
+            eval_episodes=0,
+            log=lambda line: None,
+        )
+        candidate = run_dir / "actor.onnx"
+        env = make_env(self.cfg.bridges[0].env if self.cfg.bridges else result["env"])
+        seed = self.c.eval_seed
+        cand = evaluate(OnnxPolicy(candidate), env, self.c.eval_episodes, seed)
+        live = evaluate(OnnxPolicy(self.live_path), env, self.c.eval_episodes, seed)
+        env.close()
+        deploy = cand.mean >= live.mean - self.c.margin
+        decision: dict[str, Any] = {
+            "round": n,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "transitions": committed,
+            "run_dir": str(run_dir),
+            "candidate_model_id": OnnxPolicy(candidate).model_id,
+            "live_model_id": OnnxPolicy(self.live_path).model_id,
+            "candidate_return": cand.mean,
+            "live_return": live.mean,
+            "eval_episodes": self.c.eval_episodes,
+            "eval_seed": seed,
+            "margin": self.c.margin,
+            "deploy": deploy,
+            "reason": (
+                f"candidate {cand.mean:.1f} >= live {live.mean:.1f} - margin {self.c.margin:g}"
+                if deploy
+                else f"candidate {cand.mean:.1f} < live {live.mean:.1f} - margin {self.c.margin:g}"
+            ),
+            "retrain": {k: result.get(k) for k in ("updates", "transitions", "init")},
+        }
+        if deploy:
+            try:
+                reply = request(self.cfg.node.admin, "deploy", 60.0, path=str(candidate.resolve()))
+                decision["deployed"] = reply["deploy"]
+                self.live_path, self.init = candidate, run_dir
+            except AdminError as e:
+                decision["deploy"] = False
+                decision["reason"] = f"the node refused it: {e}"
+        decision["seconds"] = round(time.monotonic() - t0, 1)
+        with self.decisions.open("a") as f:
+            f.write(json.dumps(decision) + "\n")
+        self._say(
+            f"round {n}: {'deployed' if decision['deploy'] else 'kept the live actor'} "
+            f"({decision['reason']})"
+        )
+
+
+def read_decisions(out_dir: Path, since: str | None = None) -> list[dict[str, Any]]:
+    """The decisions in ``out_dir/decisions.jsonl`` (those at or after ``since``, an ISO time)."""
+    path = out_dir / "decisions.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if since is None or r["time"] >= since]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m control_node.continual", description=__doc__)
+    parser.add_argument("launch_file", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        worker = Continual(args.launch_file)
+    except ConfigError as e:
+        print(f"continual: error: {e}", file=sys.stderr)
+        return 1
+
+    def stop(*_: object) -> None:  # between rounds: stop at once; inside one: abandon it
+        worker.request_stop()
+        raise SystemExit(0)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
