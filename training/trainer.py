@@ -42,6 +42,20 @@ def eval_seed(cfg: TrainConfig) -> int:
     return cfg.seed + EVAL_SEED_OFFSET
 
 
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A run's ``checkpoint.pt``, checked for this format; resume and ``ddpg retrain --init``
+    both read it here, so they accept the same files."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: cannot read checkpoint: {reason}") from None
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path}: checkpoint format {found!r} is not {CHECKPOINT_FORMAT}")
+    return state
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -119,11 +133,7 @@ class Trainer:
         return path
 
     def _load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError(
-                f"{path}: checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}"
-            )
+        state = read_checkpoint(path, self.device)
         self.agent.load_state_dict(state["agent"])
         self.noise.load_state_dict(state["noise"])
         self.rng.bit_generator.state = state["rng"]
