@@ -65,14 +65,17 @@ class Continual:
                 continue
             rounds += 1
             last = committed
-            self._round(rounds, committed, self.out / f"{stamp}-round{rounds}")
+            run_dir = self.out / f"{stamp}-round{rounds}"
+            try:
+                self._round(rounds, committed, run_dir)
+            except (ConfigError, ValueError, OSError) as e:  # one bad round is not the end
+                self._record(rounds, committed, run_dir, time.monotonic(), False, f"failed: {e}")
 
     def _round(self, n: int, committed: int, run_dir: Path) -> None:
-        from training.retrain import retrain
-
         from models.policy import OnnxPolicy
         from sim_bridge.envs import make_env
         from training.evaluation import evaluate
+        from training.retrain import retrain
 
         t0 = time.monotonic()
         self._say(f"round {n}: retraining on {committed} logged transitions")
@@ -85,6 +88,10 @@ class Continual:
             log=lambda line: None,
         )
         candidate = run_dir / "actor.onnx"
+        if not candidate.is_file():  # the export's checks refused it: nothing to evaluate
+            self._record(n, committed, run_dir, t0, deploy=False,
+                         reason=f"no candidate: {result.get('export_error', 'export failed')}")  # fmt: skip
+            return
         env = make_env(self.cfg.bridges[0].env if self.cfg.bridges else result["env"])
         seed = self.c.eval_seed
         cand = evaluate(OnnxPolicy(candidate), env, self.c.eval_episodes, seed)
@@ -119,12 +126,23 @@ class Continual:
             except AdminError as e:
                 decision["deploy"] = False
                 decision["reason"] = f"the node refused it: {e}"
+        self._write(decision, t0)
+
+    def _record(
+        self, n: int, committed: int, run_dir: Path, t0: float, deploy: bool, reason: str
+    ) -> None:
+        decision = {"round": n, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "transitions": committed, "run_dir": str(run_dir), "deploy": deploy,
+                    "reason": reason}  # fmt: skip
+        self._write(decision, t0)
+
+    def _write(self, decision: dict[str, Any], t0: float) -> None:
         decision["seconds"] = round(time.monotonic() - t0, 1)
         with self.decisions.open("a") as f:
             f.write(json.dumps(decision) + "\n")
         self._say(
-            f"round {n}: {'deployed' if decision['deploy'] else 'kept the live actor'} "
-            f"({decision['reason']})"
+            f"round {decision['round']}: "
+            f"{'deployed' if decision['deploy'] else 'kept the live actor'} ({decision['reason']})"
         )
 
 
