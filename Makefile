@@ -19,13 +19,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# The main job: train Pendulum-v1 with the default preset (which exports actor.onnx), then
-# evaluate the exported actor with onnxruntime on the trainer's evaluation seeds.
+# The main job: the control loop end to end. A node serves the shipped actor to a realtime
+# MuJoCo bridge and logs every transition; the continual trainer retrains from the log, gates the
+# candidate on an evaluation, and deploys it into the running node. Prints the summary.
 demo: $(STAMP)
-	rm -rf $(DEMO_DIR)
-	$(BIN)/ddpg train --env Pendulum-v1 --steps 20000 --seed 0 --out $(DEMO_DIR)
-	@echo "trainer's evaluation: $(DEMO_DIR)/eval.json; the exported actor, evaluated without torch:"
-	$(BIN)/ddpg eval $(DEMO_DIR)/actor.onnx
+	$(BIN)/ddpg launch launch.yaml --duration 90 --continual --summary-json $(DEMO_DIR)/summary.json
 
 test: $(STAMP)
 	$(BIN)/ruff check .

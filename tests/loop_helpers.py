@@ -168,3 +168,22 @@ class RawBridge:
     def close(self) -> None:
         self.sock.close(linger=0)
         self.ctx.term()
+
+
+def write_launch(tmp_path: Path, **changes: Any) -> Path:
+    node: dict[str, Any] = {
+        "model": str(PENDULUM),
+        "bind": free_tcp_endpoint(),
+        "admin": free_tcp_endpoint(),
+        "rate_hz": 100,
+        "log_dir": "logs",
+    }
+    bridge: dict[str, Any] = {"id": "sim0", "env": "InvertedPendulum-v5", "rate_hz": 100}
+    data: dict[str, Any] = {"node": node, "bridges": [bridge]}
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        target = {"node": node, "bridge": bridge}.get(section, data)
+        target[name or section] = value
+    path = tmp_path / "launch.yaml"
+    path.write_text(json.dumps(data))  # JSON is YAML
+    return path

@@ -24,6 +24,7 @@ from loop_helpers import (
     start_node,
     stop_bridge,
     wait_for,
+    write_launch,
 )
 
 from control_node import protocol as P
@@ -229,25 +230,6 @@ def test_status_command(node: Node) -> None:
 
 
 # -- launch -------------------------------------------------------------------------------------
-def write_launch(tmp_path: Path, **changes: Any) -> Path:
-    node: dict[str, Any] = {
-        "model": str(PENDULUM),
-        "bind": free_tcp_endpoint(),
-        "admin": free_tcp_endpoint(),
-        "rate_hz": 100,
-        "log_dir": "logs",
-    }
-    bridge: dict[str, Any] = {"id": "sim0", "env": "InvertedPendulum-v5", "rate_hz": 100}
-    data: dict[str, Any] = {"node": node, "bridges": [bridge]}
-    for key, value in changes.items():
-        section, _, name = key.partition("__")
-        target = {"node": node, "bridge": bridge}.get(section, data)
-        target[name or section] = value
-    path = tmp_path / "launch.yaml"
-    path.write_text(json.dumps(data))  # JSON is YAML
-    return path
-
-
 def test_launch_runs_the_loop_end_to_end(tmp_path: Path) -> None:
     launch = write_launch(tmp_path)
     summary_path = tmp_path / "summary.json"

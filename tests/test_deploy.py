@@ -13,7 +13,17 @@ import onnx
 import pyarrow.parquet as pq
 import pytest
 import torch
-from loop_helpers import DDPG, ENV, Node, start_bridge, start_node, stop_bridge, wait_for
+from loop_helpers import (
+    DDPG,
+    ENV,
+    ROOT,
+    Node,
+    start_bridge,
+    start_node,
+    stop_bridge,
+    wait_for,
+    write_launch,
+)
 from onnx import numpy_helper
 
 from control_node.translog import read_logs
@@ -182,3 +192,38 @@ def test_kill_9_at_1khz_loses_at_most_the_open_chunk(tmp_path: Path) -> None:
     after = read_logs([node.log_dir])  # type: ignore[list-item]
     assert after.table.num_rows > rows
     assert {c.name: c.read_bytes() for c in after.chunks if c.name in before} == before
+
+
+def test_continual_mode_retrains_gates_and_deploys(tmp_path: Path) -> None:
+    launch = write_launch(
+        tmp_path,
+        bridge__max_episode_steps=100,
+        continual={
+            "enabled": True,
+            "every_transitions": 150,
+            "updates": 50,
+            "init": str(ROOT / "models" / "zoo" / "inverted_pendulum"),
+            "eval_episodes": 1,
+            "margin": 1e9,  # the gate's arithmetic is what is tested here, not the candidate
+            "out_dir": str(tmp_path / "continual"),
+            "max_rounds": 1,
+        },
+    )
+    done = subprocess.run(
+        [*DDPG, "launch", str(launch), "--duration", "40", "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    (decision,) = summary["continual"]
+    assert decision["deploy"] and decision["live_model_id"] == LIVE
+    assert decision["candidate_return"] >= decision["live_return"] - 1e9
+    assert decision["transitions"] >= 150 and decision["retrain"]["updates"] == 50
+    assert set(summary["model_ids"]) == {LIVE, decision["candidate_model_id"]}
+    (swap,) = [d for d in summary["deploys"] if d["ok"]]
+    assert swap["model_id"] == decision["candidate_model_id"]
+    models = read_logs([tmp_path / "logs"]).table.column("model_id").to_pylist()
+    assert decision["candidate_model_id"] in models and LIVE in models
