@@ -5,6 +5,8 @@ what no correct bridge would, and the Parquet log read back from disk."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from loop_helpers import (
     DDPG,
     ENV,
     PENDULUM,
+    STARTED,
     Node,
     RawBridge,
     start_bridge,
@@ -28,6 +31,7 @@ from loop_helpers import (
 )
 
 from control_node import protocol as P
+from control_node.admin import request
 from control_node.config import free_tcp_endpoint
 from control_node.translog import read_logs
 from models.policy import OnnxPolicy
@@ -251,6 +255,15 @@ def test_launch_runs_the_loop_end_to_end(tmp_path: Path) -> None:
     )
     assert json.loads(logs.stdout)["transitions"] == summary["transitions_logged"] > 100
     assert "transitions logged" in done.stdout
+    # the log a real launch wrote is what ddpg retrain learns from
+    retrain = [*DDPG, "retrain", "--logs", str(tmp_path / "logs"), "--init", str(PENDULUM.parent)]
+    retrain += ["--updates", "20", "--eval-episodes", "0", "--out", str(tmp_path / "re")]
+    retrained = subprocess.run(
+        [*retrain, "--json", "--no-progress"], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert retrained.returncode == 0, retrained.stderr
+    assert json.loads(retrained.stdout)["transitions"] >= summary["transitions_logged"]
+    assert OnnxPolicy(tmp_path / "re" / "actor.onnx").model_id != "2ff52a327c6e434c"
 
 
 @pytest.mark.parametrize(
@@ -286,3 +299,29 @@ def test_a_launch_file_whose_port_is_in_use_is_refused(tmp_path: Path) -> None:
     finally:
         busy.close()
         ctx.term()
+
+
+def test_launch_restarts_a_crashed_bridge(tmp_path: Path) -> None:
+    launch = write_launch(tmp_path, bridge__restart="on-failure", bridge__max_restarts=2)
+    admin = json.loads(launch.read_text())["node"]["admin"]
+    proc = subprocess.Popen(
+        [*DDPG, "launch", str(launch), "--duration", "12", "--json", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    STARTED.append(proc)
+
+    def live_pid() -> int | None:
+        bridges = request(admin, "status", 1.0)["status"]["bridges"]
+        return bridges[0]["pid"] if bridges and bridges[0]["state"] == "live" else None
+
+    first = wait_for("the bridge", live_pid)
+    os.kill(first, signal.SIGKILL)
+    second = wait_for("a restarted bridge", lambda: (p := live_pid()) != first and p)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["restarts"] == {"sim0": 1} and second != first
+    assert "restart 1" in err

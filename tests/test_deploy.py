@@ -29,6 +29,7 @@ from onnx import numpy_helper
 from control_node.translog import read_logs
 from models.export import export_actor
 from models.networks import Actor
+from training.retrain import load_transitions
 
 LIVE = "2ff52a327c6e434c"
 
@@ -182,6 +183,9 @@ def test_kill_9_at_1khz_loses_at_most_the_open_chunk(tmp_path: Path) -> None:
         assert np.array_equal(steps[episodes == e], np.arange((episodes == e).sum()))
     # lost: at most the open chunk (0.5 s at 1 kHz) plus what was in flight
     assert sent - rows <= 0.5 * 1000 * 2.5 + 200, (sent, rows)
+    # and what is there is retrainable: every committed row loads into the replay's arrays
+    loaded = load_transitions([node.log_dir])  # type: ignore[list-item]
+    assert len(loaded.obs) == rows and loaded.valid.all()
     # a node started again on the same directory appends and touches nothing already there
     before = {c.name: c.read_bytes() for c in contents.chunks}
     again = start_node(tmp_path, rate_hz=200)
