@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m control_node.continual", description=__doc__)
     parser.add_argument("launch_file", type=Path)
     args = parser.parse_args(argv)
+    # Training is the batch job here: the node and the bridges must win the CPU when they wake.
+    os.nice(10)
     try:
         worker = Continual(args.launch_file)
     except ConfigError as e:
