@@ -305,7 +305,7 @@ def test_launch_restarts_a_crashed_bridge(tmp_path: Path) -> None:
     launch = write_launch(tmp_path, bridge__restart="on-failure", bridge__max_restarts=2)
     admin = json.loads(launch.read_text())["node"]["admin"]
     proc = subprocess.Popen(
-        [*DDPG, "launch", str(launch), "--duration", "12", "--json", "--quiet"],
+        [*DDPG, "launch", str(launch), "--json", "--quiet"],  # runs until Ctrl-C
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -320,6 +320,7 @@ def test_launch_restarts_a_crashed_bridge(tmp_path: Path) -> None:
     first = wait_for("the bridge", live_pid)
     os.kill(first, signal.SIGKILL)
     second = wait_for("a restarted bridge", lambda: (p := live_pid()) != first and p)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the launcher stops everything in order
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     summary = json.loads(out)
