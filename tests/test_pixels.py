@@ -1,0 +1,270 @@
+"""The pixel observation pipeline on real MuJoCo off-screen rendering (EGL): shapes, stacking
+across resets, action repeat against a hand-stepped env, determinism, and clear errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from sim_bridge.envs import EnvError, make_env
+from sim_bridge.pixels import PixelObservation, PixelSpec, make_pixel_env, render_rate
+
+PENDULUM = "InvertedPendulum-v5"
+MakePix = Callable[..., PixelObservation]
+
+
+@pytest.fixture
+def make_pix() -> Iterator[MakePix]:
+    """``make_pixel_env`` whose environments are closed after the test (each holds a GL context)."""
+    envs: list[gym.Env] = []
+
+    def make(env_id: str = PENDULUM, spec: PixelSpec | None = None, **kw: Any) -> PixelObservation:
+        env = make_pixel_env(env_id, spec or PixelSpec(), **kw)
+        envs.append(env)
+        return env
+
+    yield make
+    for env in envs:
+        env.close()
+
+
+def act(env: gym.Env, value: float) -> np.ndarray:
+    return np.full(env.action_space.shape, value, env.action_space.dtype)
+
+
+def balance(env: gym.Env, state: np.ndarray) -> np.ndarray:
+    """A PD push that keeps InvertedPendulum up for 20+ steps while the cart moves visibly."""
+    return act(env, float(np.clip(10 * state[1] + state[3], -3, 3)))
+
+
+def expected_stack(frames: list[np.ndarray], stack: int = 3) -> np.ndarray:
+    """The last ``stack`` frames, oldest first, the first frame repeated at an episode start."""
+    k = len(frames) - 1
+    return np.concatenate([frames[max(0, k - stack + 1 + i)] for i in range(stack)], axis=0)
+
+
+# --- spec -----------------------------------------------------------------------------------
+
+
+def test_spec_defaults_shape_and_round_trip() -> None:
+    spec = PixelSpec()
+    assert (spec.size, spec.stack, spec.repeat, spec.camera) == (64, 3, 3, None)
+    assert spec.obs_shape == (9, 64, 64) and spec.frame_shape == (3, 64, 64)
+    assert spec.dtype == np.uint8
+    for s in (spec, PixelSpec(size=84, stack=4, repeat=2, camera="track"), PixelSpec(camera=0)):
+        d = json.loads(json.dumps(s.to_dict()))  # plain JSON types, as ONNX metadata stores it
+        assert PixelSpec.from_dict(d) == s
+    with pytest.raises(ValueError, match="unknown key"):
+        PixelSpec.from_dict({"size": 64, "stacks": 3})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"size": 0}, "size"),
+        ({"size": 15}, "size"),
+        ({"size": 257}, "size"),
+        ({"size": 64.0}, "size"),
+        ({"size": True}, "size"),
+        ({"stack": 0}, "stack"),
+        ({"repeat": 0}, "repeat"),
+        ({"camera": -2}, "camera"),
+        ({"camera": ""}, "camera"),
+        ({"camera": 1.5}, "camera"),
+    ],
+)
+def test_bad_spec_names_the_field(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=f"pixel spec: {field}"):
+        PixelSpec(**kwargs)
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def test_unknown_env_id_is_a_clear_error() -> None:
+    with pytest.raises(EnvError, match="NoSuchRobot-v0"):
+        make_pixel_env("NoSuchRobot-v0")
+
+
+def test_unknown_camera_and_clashing_kwargs_are_errors(make_pix: MakePix) -> None:
+    make_pix(spec=PixelSpec(camera=-1))  # the free camera always exists
+    with pytest.raises(EnvError, match="no camera 'nope'"):
+        make_pixel_env(PENDULUM, PixelSpec(camera="nope"))
+    with pytest.raises(EnvError, match="no camera 5"):
+        make_pixel_env(PENDULUM, PixelSpec(camera=5))
+    with pytest.raises(EnvError, match="width"):
+        make_pixel_env(PENDULUM, width=32)
+
+
+def test_env_without_rgb_array_rendering_is_refused() -> None:
+    env = make_env(PENDULUM)
+    try:
+        with pytest.raises(EnvError, match="render_mode"):
+            PixelObservation(env, PixelSpec())
+    finally:
+        env.close()
+
+
+# gymnasium's half-built viewer complains in __del__ about the context it never made
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_no_gl_backend_names_mujoco_gl(monkeypatch: pytest.MonkeyPatch, make_pix: MakePix) -> None:
+    monkeypatch.setenv("MUJOCO_GL", "no-such-backend")
+    env = make_pix()
+    with pytest.raises(EnvError, match=r"MUJOCO_GL='no-such-backend'.*egl.*osmesa"):
+        env.reset(seed=0)
+
+
+# --- shapes and stacking --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [64, 84])
+def test_shapes_dtypes_and_native_size(size: int, make_pix: MakePix) -> None:
+    env = make_pix(spec=PixelSpec(size=size))
+    space = env.observation_space
+    assert space.shape == (9, size, size) and space.dtype == np.uint8
+    obs, info = env.reset(seed=0)
+    assert env.env.render().shape == (size, size, 3)  # MuJoCo renders the size itself
+    assert obs.shape == (9, size, size) and obs.dtype == np.uint8 and space.contains(obs)
+    assert info["frame"].shape == (3, size, size) and info["frame"].dtype == np.uint8
+    assert info["state"].shape == env.state_space.shape == (4,)
+    obs, reward, terminated, truncated, info = env.step(act(env, 0.0))
+    assert space.contains(obs) and isinstance(reward, float)
+    assert isinstance(terminated, bool) and isinstance(truncated, bool)
+    assert info["repeats"] == 3 and info["state"].shape == (4,)
+    assert np.array_equal(env.last_frame(), info["frame"])
+
+
+def test_stack_holds_the_last_frames_in_order(make_pix: MakePix) -> None:
+    env = make_pix()
+    obs, info = env.reset(seed=0)
+    frames = [info["frame"]]
+    assert np.array_equal(obs, np.concatenate([frames[0]] * 3))  # reset: three first frames
+    kept = [obs]
+    for k in range(1, 7):
+        obs, _, terminated, truncated, info = env.step(balance(env, info["state"]))
+        assert not (terminated or truncated)
+        frames.append(info["frame"])
+        assert np.array_equal(env.last_frame(), frames[-1])
+        assert np.array_equal(obs, expected_stack(frames)), f"step {k}"
+        kept.append(obs)
+    # every frame differs from the one before, so the order check above means something
+    assert all(not np.array_equal(a, b) for a, b in itertools.pairwise(frames))
+    for k, obs in enumerate(kept):  # returned arrays are the caller's: later steps leave them
+        assert np.array_equal(obs, expected_stack(frames[: k + 1])), f"kept obs {k} changed"
+
+
+def test_reset_leaves_nothing_from_the_previous_episode(make_pix: MakePix) -> None:
+    env = make_pix()
+    env.reset(seed=0)
+    old: list[np.ndarray] = []
+    for _ in range(30):  # a full push drops the pole past 0.2 rad within a few steps
+        _, _, terminated, truncated, info = env.step(act(env, 3.0))
+        old.append(info["frame"])
+        if terminated or truncated:
+            break
+    assert terminated
+    with pytest.raises(gym.error.ResetNeeded):
+        env.step(act(env, 0.0))  # a stack must not run on into the ended episode
+
+    obs, info = env.reset(seed=1)
+    first = info["frame"]
+    slots = obs.reshape(3, 3, *obs.shape[1:])
+    assert all(np.array_equal(s, first) for s in slots)
+    for frame in old[-3:]:
+        assert not np.array_equal(frame, first)  # the fallen pole looks different
+        assert not any(np.array_equal(frame, s) for s in slots)
+    obs, *_, info = env.step(act(env, 0.0))
+    assert np.array_equal(obs, np.concatenate([first, first, info["frame"]]))
+
+
+# --- action repeat --------------------------------------------------------------------------
+
+
+def test_repeat_sums_varying_rewards_like_a_hand_stepped_env(make_pix: MakePix) -> None:
+    """HalfCheetah's reward changes every physics step; 16x16 keeps its render cheap."""
+    env = make_pix("HalfCheetah-v5", PixelSpec(size=16, repeat=3))
+    ref = make_env("HalfCheetah-v5")
+    try:
+        env.reset(seed=3)
+        ref.reset(seed=3)
+        rng = np.random.default_rng(0)
+        rewards = set()
+        for _ in range(4):
+            a = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+            _, reward, terminated, truncated, info = env.step(a)
+            total = 0.0
+            for _ in range(3):
+                state, r, *_ = ref.step(a)
+                total += float(r)
+                rewards.add(float(r))
+            assert reward == pytest.approx(total, rel=1e-12, abs=1e-12)
+            assert np.array_equal(info["state"], state) and info["repeats"] == 3
+            assert not (terminated or truncated)
+        assert len(rewards) > 1
+    finally:
+        ref.close()
+
+
+def test_repeat_stops_early_at_termination(make_pix: MakePix) -> None:
+    ref = make_env(PENDULUM)
+    try:
+        ref.reset(seed=0)
+        rewards: list[float] = []
+        for _ in range(100):
+            state, r, terminated, _, _ = ref.step(act(ref, 3.0))
+            rewards.append(float(r))
+            if terminated:
+                break
+    finally:
+        ref.close()
+    n = len(rewards)  # physics steps until the pole falls
+    assert terminated and n > 1
+    repeat = next(r for r in (2, 3, 4, 5) if n % r)  # so the episode ends inside a repeat
+
+    env = make_pix(spec=PixelSpec(repeat=repeat))
+    env.reset(seed=0)
+    got: list[float] = []
+    while True:
+        _, reward, terminated, truncated, info = env.step(act(env, 3.0))
+        got.append(float(reward))
+        if terminated or truncated:
+            break
+    assert terminated and not truncated
+    assert len(got) == -(-n // repeat) and info["repeats"] == n % repeat
+    assert sum(got) == pytest.approx(sum(rewards))
+    assert np.array_equal(info["state"], state)
+
+
+def test_truncation_inside_a_repeat_is_reported(make_pix: MakePix) -> None:
+    env = make_pix(max_episode_steps=5)
+    env.reset(seed=0)
+    _, reward, terminated, truncated, info = env.step(act(env, 0.0))
+    assert (reward, terminated, truncated, info["repeats"]) == (3.0, False, False, 3)
+    _, reward, terminated, truncated, info = env.step(act(env, 0.0))
+    assert (reward, terminated, truncated, info["repeats"]) == (2.0, False, True, 2)
+
+
+# --- determinism and rate -------------------------------------------------------------------
+
+
+def test_same_seed_and_actions_give_identical_pixels(make_pix: MakePix) -> None:
+    a, b = make_pix(), make_pix()
+    obs_a, info = a.reset(seed=7)
+    obs_b, _ = b.reset(seed=7)
+    assert np.array_equal(obs_a, obs_b)
+    for _ in range(6):
+        u = balance(a, info["state"])
+        obs_a, r_a, *_, info = a.step(u)
+        obs_b, r_b, *_ = b.step(u)
+        assert np.array_equal(obs_a, obs_b) and r_a == r_b
+
+
+def test_render_rate_is_positive() -> None:
+    assert render_rate(PENDULUM, PixelSpec(), frames=10) > 0
+    assert render_rate(PENDULUM, PixelSpec(), frames=10, physics=False) > 0
