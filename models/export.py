@@ -5,6 +5,11 @@ the environment's units (``action``): batch-norm observation normalisation, the 
 scaling to the Box bounds are all inside it, so no caller has to post-process. The export is
 refused, and nothing is written, unless the ONNX model matches the torch actor on the probe
 observations to ``tolerance`` and passes the same checks the runtime policy makes when it loads.
+
+A :class:`~models.pixel_networks.PixelActor` exports the same way with a uint8 ``obs`` input
+``(batch, C, H, W)``: the cast and the /255 scaling are inside the graph, the metadata says
+``obs_dtype="uint8"``, bounds 0..255 and the pixel spec (``pixels=json.dumps(spec.to_dict())``),
+and parity is checked on random uint8 images.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import onnx
 import torch
 
 from models.networks import Actor
+from models.pixel_networks import PixelActor
 from models.policy import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -71,9 +77,12 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _to_onnx(actor: Actor) -> onnx.ModelProto:
+def _to_onnx(actor: Actor | PixelActor) -> onnx.ModelProto:
     """torch.onnx (dynamo exporter; needs onnxscript) with a dynamic batch dimension."""
-    example = torch.zeros(2, actor.obs_dim)
+    if isinstance(actor, PixelActor):
+        example = torch.zeros(2, *actor.obs_shape, dtype=torch.uint8)
+    else:
+        example = torch.zeros(2, actor.obs_dim)
     quiet = io.StringIO()
     with (
         _quiet_loggers("torch.onnx", "torch.export", "torch.__trace"),
@@ -105,11 +114,30 @@ def _to_onnx(actor: Actor) -> onnx.ModelProto:
     return model
 
 
-def actor_metadata(actor: Actor, model_id: str, **fields: Any) -> ActorMetadata:
+def actor_metadata(actor: Actor | PixelActor, model_id: str, **fields: Any) -> ActorMetadata:
     """Metadata for ``actor``: shapes, dtypes and action bounds from the module; the rest
-    (env_id, obs_low/obs_high, preset, run_name, train_steps, seed, eval_seed) from ``fields``."""
+    (env_id, obs_low/obs_high, preset, run_name, train_steps, seed, eval_seed, and for a pixel
+    actor ``pixels``, the spec as JSON) from ``fields``."""
     scale = actor.action_scale.detach().cpu().numpy().astype(np.float32)
     bias = actor.action_bias.detach().cpu().numpy().astype(np.float32)
+    if isinstance(actor, PixelActor):
+        if not fields.get("pixels"):
+            raise ExportError(
+                "a pixel actor needs its pixel spec: pixels=json.dumps(spec.to_dict())"
+            )
+        return ActorMetadata(
+            model_id=model_id,
+            obs_shape=actor.obs_shape,
+            obs_dtype="uint8",
+            obs_low=np.asarray(fields.pop("obs_low", [0.0]), dtype=np.float32).reshape(-1),
+            obs_high=np.asarray(fields.pop("obs_high", [255.0]), dtype=np.float32).reshape(-1),
+            act_shape=(actor.act_dim,),
+            act_dtype="float32",
+            act_low=np.asarray(fields.pop("act_low", bias - scale), dtype=np.float32).reshape(-1),
+            act_high=np.asarray(fields.pop("act_high", bias + scale), dtype=np.float32).reshape(-1),
+            obs_norm="none",
+            **fields,
+        )
     obs_low = np.asarray(fields.pop("obs_low", [-np.inf] * actor.obs_dim), dtype=np.float32)
     obs_high = np.asarray(fields.pop("obs_high", [np.inf] * actor.obs_dim), dtype=np.float32)
     act_low = np.asarray(fields.pop("act_low", bias - scale), dtype=np.float32)
@@ -130,7 +158,7 @@ def actor_metadata(actor: Actor, model_id: str, **fields: Any) -> ActorMetadata:
 
 
 def export_actor(
-    actor: Actor,
+    actor: Actor | PixelActor,
     path: str | Path,
     *,
     probes: int = PARITY_PROBES,
@@ -147,6 +175,8 @@ def export_actor(
     """
     if probes < 1000:
         raise ExportError(f"probes = {probes}: parity needs at least 1000 probe observations")
+    if isinstance(actor, PixelActor) and not metadata.get("pixels"):
+        raise ExportError("a pixel actor needs its pixel spec: pixels=json.dumps(spec.to_dict())")
     path = Path(path)
     module = copy.deepcopy(actor).to("cpu", torch.float32).eval()
     model = _to_onnx(module)
@@ -174,6 +204,8 @@ def export_actor(
         obs = probe_observations(meta, probes, seed=1, wide=False)
         with torch.no_grad():
             exact = copy.deepcopy(module).double()
+            # uint8 probes go in as float64 0..255: the encoder's cast and /255 then run in
+            # float64 too.
             expected = exact(torch.from_numpy(obs).double()).numpy()
         # Compared in the tanh's own units: an action scale of 3 multiplies the same float32
         # error by 3, which says nothing about the export.

@@ -103,11 +103,17 @@ class ActorMetadata:
     eval_seed: int
     """Seed of the trainer's deterministic evaluation, so ``ddpg eval`` can reproduce it."""
     format_version: int = METADATA_FORMAT
+    pixels: str = ""
+    """Pixel models only: the ``sim_bridge.pixels.PixelSpec`` as JSON (size, stack, repeat,
+    camera). Optional: "" for state models, which write no such field, so their files are
+    unchanged and files from before pixel models still load."""
 
     def to_props(self) -> dict[str, str]:
         props: dict[str, str] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in _OPTIONAL_FIELDS and value == "":
+                continue
             if isinstance(value, np.ndarray):
                 props[f.name] = _encode_floats(value.tolist())
             elif isinstance(value, tuple):
@@ -124,6 +130,7 @@ class ActorMetadata:
             if isinstance(getattr(self, f.name), np.ndarray | tuple)
             else getattr(self, f.name)
             for f in fields(self)
+            if f.name in props
         }
 
     @classmethod
@@ -143,6 +150,8 @@ class ActorMetadata:
         values: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in props:
+                if f.name in _OPTIONAL_FIELDS:
+                    continue
                 raise PolicyError(f"{source}: metadata field {f.name!r} is missing")
             text = props[f.name]
             try:
@@ -165,12 +174,19 @@ class ActorMetadata:
     def _check_consistent(self, source: str) -> None:
         obs_n, act_n = math.prod(self.obs_shape), math.prod(self.act_shape)
         problems = []
-        if self.obs_dtype != "float32":
-            problems.append(f"obs_dtype {self.obs_dtype!r} is not 'float32'")
+        if self.obs_dtype not in OBS_DTYPES:
+            problems.append(f"obs_dtype {self.obs_dtype!r} is not one of {sorted(OBS_DTYPES)}")
         if self.act_dtype != "float32":
             problems.append(f"act_dtype {self.act_dtype!r} is not 'float32'")
-        if self.obs_low.size != obs_n or self.obs_high.size != obs_n:
+        # Pixel bounds may be one value for every pixel (0..255): 2 x 36,864 copies of the same
+        # number at 9x64x64 would be most of the metadata.
+        n_bounds = (1, obs_n) if self.obs_dtype == "uint8" else (obs_n,)
+        if self.obs_low.size not in n_bounds or self.obs_high.size not in n_bounds:
             problems.append(f"obs bounds do not have {obs_n} values (obs_shape {self.obs_shape})")
+        if self.obs_dtype == "uint8":
+            problems += _pixel_problems(self.pixels, self.obs_shape)
+        elif self.pixels:
+            problems.append(f"pixels is set ({self.pixels!r}) but obs_dtype is {self.obs_dtype!r}")
         if len(self.act_shape) != 1:
             problems.append(f"act_shape {self.act_shape} is not 1-D")
         if self.act_low.size != act_n or self.act_high.size != act_n:
@@ -185,6 +201,34 @@ class ActorMetadata:
             problems.append(f"obs_norm {self.obs_norm!r} is not 'none' or 'batch_norm'")
         if problems:
             raise PolicyError(f"{source}: inconsistent metadata: {'; '.join(problems)}")
+
+
+_OPTIONAL_FIELDS = frozenset({"pixels"})
+OBS_DTYPES = {"float32": np.float32, "uint8": np.uint8}
+"""Observation dtypes: float32 for state models, uint8 for pixel models (frames 0..255)."""
+_ONNX_TYPES = {"float32": "tensor(float)", "uint8": "tensor(uint8)"}
+
+
+def pixel_spec_dict(meta: ActorMetadata) -> dict[str, Any] | None:
+    """The pixel spec of a pixel model as a dict (``PixelSpec.from_dict`` takes it); None for a
+    state model. Kept as a dict so this module does not import the simulator side."""
+    return json.loads(meta.pixels) if meta.pixels else None
+
+
+def _pixel_problems(pixels: str, obs_shape: tuple[int, ...]) -> list[str]:
+    """A uint8 model must name its pixel spec, and the spec must give its observation shape."""
+    if not pixels:
+        return ["obs_dtype is 'uint8' but the pixel spec (metadata field 'pixels') is missing"]
+    try:
+        spec = json.loads(pixels)
+        size, stack, repeat = (spec[k] for k in ("size", "stack", "repeat"))
+        if not all(isinstance(v, int) and v > 0 for v in (size, stack, repeat)):
+            raise ValueError
+    except (ValueError, TypeError, KeyError):
+        return [f"pixels {pixels!r} is not a JSON pixel spec with size, stack and repeat"]
+    if tuple(obs_shape) != (3 * stack, size, size):
+        return [f"obs_shape {obs_shape} does not match the pixel spec {pixels}"]
+    return []
 
 
 def weights_hash(model: onnx.ModelProto) -> str:
@@ -242,9 +286,12 @@ def _check_io(session: ort.InferenceSession, meta: ActorMetadata, source: str) -
             f"{source}: graph inputs {[i.name for i in inputs]} and outputs "
             f"{[o.name for o in outputs]}; expected ['{INPUT_NAME}'] and ['{OUTPUT_NAME}']"
         )
-    for arg, shape in ((inputs[0], meta.obs_shape), (outputs[0], meta.act_shape)):
-        if arg.type != "tensor(float)":
-            raise PolicyError(f"{source}: {arg.name!r} has type {arg.type}, expected float32")
+    for arg, shape, dtype in (
+        (inputs[0], meta.obs_shape, meta.obs_dtype),
+        (outputs[0], meta.act_shape, "float32"),
+    ):
+        if arg.type != _ONNX_TYPES[dtype]:
+            raise PolicyError(f"{source}: {arg.name!r} has type {arg.type}, expected {dtype}")
         dims = list(arg.shape)
         if len(dims) != 1 + len(shape) or isinstance(dims[0], int):
             raise PolicyError(
@@ -281,8 +328,15 @@ def check_expected(meta: ActorMetadata, expect: SpecLike, source: str) -> None:
 
 def probe_observations(meta: ActorMetadata, n: int, seed: int = 0, wide: bool = True) -> np.ndarray:
     """Deterministic probe inputs: standard normal (with ``wide``, a quarter of them scaled by 10
-    to reach saturation), clipped to the observation bounds where those are finite."""
+    to reach saturation), clipped to the observation bounds where those are finite. For a pixel
+    model (``obs_dtype`` uint8): uniform random uint8 images within the bounds (0..255)."""
     rng = np.random.default_rng(seed)
+    if meta.obs_dtype == "uint8":
+        low = np.broadcast_to(meta.obs_low, (math.prod(meta.obs_shape),))
+        high = np.broadcast_to(meta.obs_high, (math.prod(meta.obs_shape),))
+        lo = np.clip(low, 0, 255).astype(np.int64).reshape(meta.obs_shape)
+        hi = np.clip(high, 0, 255).astype(np.int64).reshape(meta.obs_shape)
+        return rng.integers(lo, hi, size=(n, *meta.obs_shape), endpoint=True, dtype=np.uint8)
     x = rng.standard_normal((n, *meta.obs_shape)).astype(np.float32)
     if wide:
         x[: n // 4] *= 10.0
@@ -393,7 +447,8 @@ class OnnxPolicy:
         _check_outputs(actions, meta, source)
         # Batch-1 fast path: buffers bound once; a call copies in, runs, copies out (views and
         # the bound method are looked up here, not per call: each lookup costs ~0.3 µs).
-        self._obs1 = np.zeros((1, *meta.obs_shape), dtype=np.float32)
+        self._obs_dtype = OBS_DTYPES[meta.obs_dtype]
+        self._obs1 = np.zeros((1, *meta.obs_shape), dtype=self._obs_dtype)
         self._act1 = np.zeros((1, self.act_dim), dtype=np.float32)
         self._obs1_view, self._act1_view = self._obs1[0], self._act1[0]
         self._binding: ort.IOBinding | None = None
@@ -413,7 +468,7 @@ class OnnxPolicy:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: obs})[0]
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
-        obs = np.asarray(obs, dtype=np.float32)
+        obs = np.asarray(obs, dtype=self._obs_dtype)
         if obs.shape == self.obs_shape:
             if self._binding is None:
                 return self._run_batch(obs[None])[0]
