@@ -5,6 +5,7 @@ Requests and replies are msgpack maps (``{"v": 1, "cmd": "status"}``); see docs/
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,18 @@ def request(address: str, cmd: str, timeout_s: float = 2.0, **args: Any) -> dict
         error = reply.get("error") if isinstance(reply, dict) else reply
         raise AdminError(f"node at {address} refused {cmd!r}: {error}")
     return reply
+
+
+def add_address_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--node ADDR`` and ``--launch FILE``: how a command finds the node (see admin_address)."""
+    parser.add_argument("--node", metavar="ADDR", help="admin endpoint (default: ./launch.yaml's)")
+    parser.add_argument(
+        "--launch",
+        type=Path,
+        default=Path("launch.yaml"),
+        metavar="FILE",
+        help="launch file to find the admin endpoint in (default: launch.yaml)",
+    )
 
 
 def admin_address(node: str | None, launch_file: Path = Path("launch.yaml")) -> str:

@@ -9,10 +9,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from control_node.admin import AdminError, admin_address, request
+from control_node.admin import AdminError, add_address_arguments, admin_address, request
 
 EXAMPLES = """\
 examples:
@@ -24,14 +23,7 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
-    parser.add_argument("--node", metavar="ADDR", help="admin endpoint (default: ./launch.yaml's)")
-    parser.add_argument(
-        "--launch",
-        type=Path,
-        default=Path("launch.yaml"),
-        metavar="FILE",
-        help="launch file to find the admin endpoint in (default: launch.yaml)",
-    )
+    add_address_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the whole status as JSON")
     parser.add_argument("--watch", action="store_true", help="redraw a live view until Ctrl-C")
     parser.add_argument(

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from control_node.admin import AdminError, admin_address, request
+from control_node.admin import AdminError, add_address_arguments, admin_address, request
 
 EXAMPLES = """\
 examples:
@@ -27,14 +27,7 @@ examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.add_argument("model", type=Path, nargs="?", metavar="MODEL.onnx")
-    parser.add_argument("--node", metavar="ADDR", help="admin endpoint (default: ./launch.yaml's)")
-    parser.add_argument(
-        "--launch",
-        type=Path,
-        default=Path("launch.yaml"),
-        metavar="FILE",
-        help="launch file to find the admin endpoint in (default: launch.yaml)",
-    )
+    add_address_arguments(parser)
     parser.add_argument("--shadow", action="store_true", help="run beside the live actor only")
     parser.add_argument("--rollback", action="store_true", help="return to the previous model")
     parser.add_argument(

@@ -6,17 +6,15 @@ and the docs say the same thing as the code. A preset fills the fields the user 
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
-import inspect
-import itertools
-import textwrap
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from control_node.config import field_docs as class_field_docs
 
 
 class ConfigError(ValueError):
@@ -236,22 +234,9 @@ def _field_types() -> dict[str, str]:
     return {f.name: str(f.type) for f in fields(TrainConfig)}
 
 
-@functools.cache
 def field_docs() -> dict[str, str]:
-    """Each field's docstring (the string literal right after it in the class body)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
+    """Each TrainConfig field's docstring (the string literal right after it)."""
+    return class_field_docs(TrainConfig)
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
