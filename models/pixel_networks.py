@@ -6,8 +6,10 @@ Observations are stacked RGB frames, channel-first uint8 ``(3 * stack, size, siz
 nobody downstream has to normalise.
 
 The encoder is the paper's: 3 convolutions of 32 filters, 3x3, ReLU, no pooling. The paper gives
-no strides; we use 2, 1, 1 (DrQ-v2's choice): the first stride halves the spatial size so the
-flattened features stay affordable (32 x 27 x 27 = 23,328 at 64x64) without pooling.
+no strides. We default to 2, 2, 2: 64x64 frames give 32 x 7 x 7 = 1,568 features, and an update
+costs about a quarter of DrQ-v2's 2, 1, 1 (32 x 27 x 27 = 23,328 features, a 4.7M-weight first
+dense layer and a 19 MB actor), which is what makes learning from pixels affordable on a CPU.
+``strides`` takes DrQ-v2's choice (or any other) where compute allows.
 
 The actor and the critic each have their own encoder (the paper trains them as separate
 networks). The critic's action joins after the first dense layer, i.e. at the second dense
@@ -29,7 +31,7 @@ from models.networks import Critic, _uniform_final
 PAPER_HIDDEN = (200, 200)
 PAPER_FINAL_INIT = 3e-4
 CONV_FILTERS = 32
-CONV_STRIDES = (2, 1, 1)
+CONV_STRIDES = (2, 2, 2)
 
 
 def _check_obs_shape(obs_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -42,23 +44,32 @@ def _check_obs_shape(obs_shape: Sequence[int]) -> tuple[int, int, int]:
 class PixelEncoder(nn.Module):
     """``(B, C, H, W)`` uint8 or float in 0..255 -> ``(B, feature_dim)`` float features."""
 
-    def __init__(self, obs_shape: Sequence[int] = (9, 64, 64)) -> None:
+    def __init__(
+        self, obs_shape: Sequence[int] = (9, 64, 64), strides: Sequence[int] = CONV_STRIDES
+    ) -> None:
         super().__init__()
         self.obs_shape = _check_obs_shape(obs_shape)
+        if len(strides) != 3 or min(strides) < 1:
+            raise ValueError(f"strides must be 3 positive integers, got {tuple(strides)}")
         channels, h, w = self.obs_shape
         layers: list[nn.Module] = []
-        for stride in CONV_STRIDES:
+        for stride in strides:
             if h < 3 or w < 3:
                 raise ValueError(f"pixel obs_shape {self.obs_shape} is too small for 3 convs")
             layers += [nn.Conv2d(channels, CONV_FILTERS, 3, stride=stride), nn.ReLU()]
             channels, h, w = CONV_FILTERS, (h - 3) // stride + 1, (w - 3) // stride + 1
-        self.convs = nn.Sequential(*layers)
+        self.convs = channels_last(nn.Sequential(*layers))
         self.feature_dim = channels * h * w
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         # Cast to the weights' dtype (not always float32) so a float64 copy, the export's parity
         # reference, runs on the same input; in ONNX this is a Cast and a Div inside the graph.
-        x = obs.to(self.convs[0].weight.dtype) / 255.0
+        # Channels-last activations (with channels-last weights, see `channels_last`) halve the
+        # convolutions' CPU time in oneDNN; the layout changes no value, and the exported graph
+        # has no such notion. The uint8 input is reordered before the cast (a quarter of the
+        # bytes), and the cast always copies, so dividing in place never touches the caller's.
+        x = obs.contiguous(memory_format=torch.channels_last)
+        x = x.to(self.convs[0].weight.dtype, copy=True).div_(255.0)
         return self.convs(x).flatten(1)
 
 
@@ -78,6 +89,7 @@ class PixelActor(nn.Module):
         act_high: Sequence[float] | torch.Tensor,
         hidden: Sequence[int] = PAPER_HIDDEN,
         final_init: float | None = PAPER_FINAL_INIT,
+        strides: Sequence[int] = CONV_STRIDES,
     ) -> None:
         super().__init__()
         low = torch.as_tensor(act_low, dtype=torch.float32)
@@ -88,7 +100,7 @@ class PixelActor(nn.Module):
             )
         if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
             raise ValueError("action bounds must be finite for a tanh policy")
-        self.encoder = PixelEncoder(obs_shape)
+        self.encoder = PixelEncoder(obs_shape, strides)
         self.obs_shape = self.encoder.obs_shape
         self.act_dim = int(low.numel())
         self.register_buffer("action_scale", (high - low) / 2.0)
@@ -128,9 +140,10 @@ class PixelCritic(nn.Module):
         n_q: int = 1,
         action_layer: int = 1,
         final_init: float | None = PAPER_FINAL_INIT,
+        strides: Sequence[int] = CONV_STRIDES,
     ) -> None:
         super().__init__()
-        self.encoder = PixelEncoder(obs_shape)
+        self.encoder = PixelEncoder(obs_shape, strides)
         self.obs_shape = self.encoder.obs_shape
         self.n_q = n_q
         self.q = Critic(
@@ -148,6 +161,19 @@ class PixelCritic(nn.Module):
     def q1(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """The first Q-network only, ``[B]`` (the actor's objective)."""
         return self.q.q1(self.encoder(obs), action)
+
+
+def channels_last(module: nn.Module) -> nn.Module:
+    """Put ``module``'s convolution weights in channels-last layout, in place; returns it
+    (the encoder does this to its own; ``Module.to`` and ``deepcopy`` keep the layout).
+
+    Measured on this 2-core CPU for the three-convolution encoder at batch 16: forward plus
+    backward 16.5 ms in the default layout, 12.6 ms with channels-last input only, 8.5 ms with
+    channels-last weights too."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    return module
 
 
 def random_shift(

@@ -120,7 +120,7 @@ def test_presets_match_the_papers() -> None:
     assert (td3.actor_lr, td3.critic_lr, td3.batch_size, td3.tau) == (3e-4, 3e-4, 256, 5e-3)
     assert (td3.noise, td3.noise_sigma) == ("gaussian", 0.1)
     assert td3.twin_q and (td3.policy_noise, td3.noise_clip, td3.policy_delay) == (0.2, 0.5, 2)
-    assert set(PRESETS) == {"paper", "td3"}
+    assert set(PRESETS) == {"paper", "td3", "drq"}  # drq: pixels only
 
 
 def test_paper_initialisation_bounds_final_layers() -> None:

@@ -199,8 +199,9 @@ def test_samples_equal_naive_stacks(stack: int) -> None:
     # sample() is the learner's Batch with the same draws; terminated is a float mask
     batch = buf.sample(512, generator=torch.Generator().manual_seed(0))
     assert isinstance(batch, Batch)
-    for name in Batch._fields:
+    for name in ("obs", "action", "reward", "next_obs", "terminated"):
         assert torch.equal(getattr(batch, name), getattr(full, name))
+    assert batch.discount is None  # one-step: the learner's own gamma
     assert batch.terminated.dtype == torch.float32
 
 
@@ -391,3 +392,46 @@ def test_cuda_matches_cpu() -> None:
         assert torch.equal(getattr(a, name), getattr(b, name).cpu()), name
     batch = gpu.sample(64, generator=torch.Generator(device="cuda").manual_seed(0))
     assert batch.obs.is_cuda and batch.obs.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("n_step", [1, 3, 5])
+def test_n_step_returns_stop_at_episode_ends_and_gaps(n_step: int) -> None:
+    """Against a reference over the naive rows: the return stops at terminated, truncated, a
+    segment that ends without either (a gap, as in logs) and the newest transition; the ring has
+    wrapped, so the oldest rows' windows run over the ring's seam."""
+    gamma = 0.9
+    episodes = [(1, "terminated"), (4, None), (6, "truncated"), (2, "terminated"), (7, None)]
+    episodes += [(3, "truncated"), (9, "terminated"), (5, None)]
+    buf = FrameReplay(24, SHAPE, 3, act_dim=ACT_DIM)
+    naive, source = Naive(3), Source()
+    segment: list[int] = []
+    for s, (length, ending) in enumerate(episodes):
+        feed(buf, naive, source.episode(length, ending))
+        segment += [s] * length
+    assert buf.tail != 0  # wrapped: rows cross the end of the ring
+    rewards = np.arange(len(naive), dtype=np.float64)  # Source: reward = transition number
+    first = len(naive) - len(buf)
+    batch = buf.n_step_batch(torch.arange(len(buf)), n_step, gamma)
+    for row in range(len(buf)):
+        i = j = first + row
+        total, m = rewards[i], 1
+        while (
+            m < n_step
+            and not (naive.terminated[j] or naive.truncated[j])
+            and j + 1 < len(naive)
+            and segment[j + 1] == segment[j]
+        ):
+            j += 1
+            total += gamma**m * rewards[j]
+            m += 1
+        np.testing.assert_allclose(float(batch.reward[row]), total, rtol=1e-6)
+        assert batch.discount is not None
+        np.testing.assert_allclose(float(batch.discount[row]), gamma**m, rtol=1e-6)
+        assert float(batch.terminated[row]) == float(naive.terminated[j])
+        np.testing.assert_array_equal(batch.obs[row].numpy(), naive.obs[i])
+        np.testing.assert_array_equal(batch.next_obs[row].numpy(), naive.next_obs[j])
+        np.testing.assert_array_equal(batch.action[row].numpy(), naive.action[i])
+    # sample() with n_step draws the same rows as without and returns the same structure
+    drawn = buf.sample(64, torch.Generator().manual_seed(3), n_step=n_step, gamma=gamma)
+    assert drawn.obs.shape == (64, 9, *SHAPE[1:])
+    assert (drawn.discount is None) == (n_step == 1)

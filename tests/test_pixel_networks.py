@@ -26,9 +26,12 @@ META = {
 LOW, HIGH = [-3.0], [3.0]
 
 
-@pytest.mark.parametrize(("size", "side"), [(64, 27), (84, 37), (32, 11)])
-def test_encoder_shapes(size: int, side: int) -> None:
-    enc = PixelEncoder((9, size, size))
+@pytest.mark.parametrize(
+    ("size", "strides", "side"),
+    [(64, (2, 2, 2), 7), (84, (2, 2, 2), 9), (32, (2, 2, 2), 3), (64, (2, 1, 1), 27)],
+)
+def test_encoder_shapes(size: int, strides: tuple[int, int, int], side: int) -> None:
+    enc = PixelEncoder((9, size, size), strides)
     assert enc.feature_dim == 32 * side * side
     x = torch.randint(0, 256, (2, 9, size, size), dtype=torch.uint8)
     out = enc(x)

@@ -9,7 +9,7 @@ a host synchronisation, so the trainer does that only when it logs.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,8 +17,50 @@ import torch
 from torch import nn
 
 from models.networks import Actor, Critic
+from models.pixel_networks import PixelActor, PixelCritic, random_shift
 from training.config import TrainConfig
 from training.replay import Batch
+
+
+def build_networks(
+    cfg: TrainConfig,
+    obs_shape: int | tuple[int, ...],
+    act_low: np.ndarray,
+    act_high: np.ndarray,
+) -> tuple[Actor | PixelActor, Critic | PixelCritic]:
+    """The actor and critic ``cfg`` describes (state MLPs, or pixel networks with ``pixels``);
+    the exporter builds the actor here too, so a checkpoint always fits."""
+    final = cfg.final_init or None
+    n_q = 2 if cfg.twin_q else 1
+    if cfg.pixels:
+        shape = tuple(obs_shape) if not isinstance(obs_shape, int) else (obs_shape,)
+        actor: Actor | PixelActor = PixelActor(
+            shape, act_low, act_high, cfg.actor_hidden, final, cfg.conv_strides
+        )
+        critic: Critic | PixelCritic = PixelCritic(
+            shape,
+            actor.act_dim,
+            cfg.critic_hidden,
+            n_q=n_q,
+            action_layer=cfg.critic_action_layer,
+            final_init=final,
+            strides=cfg.conv_strides,
+        )
+        return actor, critic
+    obs_dim = obs_shape if isinstance(obs_shape, int) else int(np.prod(obs_shape))
+    actor = Actor(
+        obs_dim, act_low, act_high, cfg.actor_hidden, obs_norm=cfg.batch_norm, final_init=final
+    )
+    critic = Critic(
+        obs_dim,
+        actor.act_dim,
+        cfg.critic_hidden,
+        n_q=n_q,
+        action_layer=cfg.critic_action_layer,
+        obs_norm=cfg.batch_norm,
+        final_init=final,
+    )
+    return actor, critic
 
 
 def _flatten(module: nn.Module) -> tuple[torch.Tensor, int]:
@@ -48,15 +90,15 @@ def _flatten(module: nn.Module) -> tuple[torch.Tensor, int]:
     return flat, n_params
 
 
-def _numpy_actor(actor: Actor) -> Callable[[np.ndarray], np.ndarray] | None:
+def _numpy_actor(actor: nn.Module) -> Callable[[np.ndarray], np.ndarray] | None:
     """The actor's eval-mode forward pass for one observation, in numpy on views of its CPU
     parameters (they follow in-place updates: optimiser steps, ``load_state_dict``).
 
     Acting happens once per environment step; at batch 1 torch's per-op dispatch costs about
     ten times this. None when the actor is not on the CPU or has layers this does not mirror.
     """
-    if actor.action_scale.device.type != "cpu":
-        return None
+    if not isinstance(actor, Actor) or actor.action_scale.device.type != "cpu":
+        return None  # pixel actors: convolutions, torch is the right tool
     norm = actor.obs_norm
     if not isinstance(norm, nn.BatchNorm1d | nn.Identity):
         return None
@@ -121,7 +163,9 @@ class _FlatAdam:
         if self.param not in self.opt.state:  # saved before the first step
             self._zero_state()
 
-    def step(self) -> None:
+    def step(self, grads: Sequence[torch.Tensor]) -> None:
+        """One Adam step with ``grads``, the gradients of the flattened module's parameters."""
+        torch.cat([g.reshape(-1) for g in grads], out=self.param.grad)
         group, state = self.opt.param_groups[0], self.opt.state[self.param]
         beta1, beta2 = group["betas"]
         state["step"] += 1
@@ -142,49 +186,82 @@ class _FlatAdam:
         )
 
 
+class _ListAdam:
+    """Adam on a module's own parameters, for pixel networks.
+
+    Flattening would undo the convolutions' channels-last weight layout (half their CPU time),
+    and an update is tens of milliseconds of convolutions, so Python overhead does not matter.
+    """
+
+    def __init__(self, params: list[nn.Parameter], lr: float, weight_decay: float = 0.0) -> None:
+        self.params = params
+        self.opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state)
+
+    def step(self, grads: Sequence[torch.Tensor]) -> None:
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = g
+        self.opt.step()
+
+
+def _soft_update_pairs(
+    target: nn.Module, online: nn.Module
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Target and online parameters and floating-point buffers, paired for one foreach lerp."""
+
+    def tensors(m: nn.Module) -> list[torch.Tensor]:
+        params = [p.data for p in m.parameters()]
+        return params + [b for b in m.buffers() if b.is_floating_point()]
+
+    return tensors(target), tensors(online)
+
+
 class DDPGAgent:
     """Actor-critic pair with target networks; ``update`` performs one gradient step."""
 
     def __init__(
         self,
         cfg: TrainConfig,
-        obs_dim: int,
+        obs_shape: int | tuple[int, ...],
         act_low: np.ndarray,
         act_high: np.ndarray,
         device: torch.device,
     ) -> None:
+        """``obs_shape``: the state's size, or ``(3 * stack, H, W)`` with ``cfg.pixels``."""
         self.cfg = cfg
         self.device = device
-        final = cfg.final_init or None
-        self.actor = Actor(
-            obs_dim, act_low, act_high, cfg.actor_hidden, obs_norm=cfg.batch_norm, final_init=final
-        ).to(device)
-        self.critic = Critic(
-            obs_dim,
-            self.actor.act_dim,
-            cfg.critic_hidden,
-            n_q=2 if cfg.twin_q else 1,
-            action_layer=cfg.critic_action_layer,
-            obs_norm=cfg.batch_norm,
-            final_init=final,
-        ).to(device)
+        self.actor, self.critic = build_networks(cfg, obs_shape, act_low, act_high)
+        self.actor.to(device)
+        self.critic.to(device)
         self.actor_target = copy.deepcopy(self.actor).eval()
         self.critic_target = copy.deepcopy(self.critic).eval()
         for p in (*self.actor_target.parameters(), *self.critic_target.parameters()):
             p.requires_grad_(False)
         self.actor_params = list(self.actor.parameters())
         self.critic_params = list(self.critic.parameters())
-        actor_flat, n_actor = _flatten(self.actor)
-        critic_flat, n_critic = _flatten(self.critic)
-        self._soft_pairs = (
-            [_flatten(self.actor_target)[0], _flatten(self.critic_target)[0]],
-            [actor_flat, critic_flat],
-        )
-        # Each optimiser sees one flat parameter whose gradient buffer is filled in place.
-        self._actor_vec = actor_flat[:n_actor]
-        self._critic_vec = critic_flat[:n_critic]
-        self.actor_opt = _FlatAdam(self._actor_vec, cfg.actor_lr)
-        self.critic_opt = _FlatAdam(self._critic_vec, cfg.critic_lr, cfg.critic_l2)
+        self.actor_opt: _FlatAdam | _ListAdam
+        self.critic_opt: _FlatAdam | _ListAdam
+        if cfg.pixels:
+            actor_pairs = _soft_update_pairs(self.actor_target, self.actor)
+            critic_pairs = _soft_update_pairs(self.critic_target, self.critic)
+            self._soft_pairs = (actor_pairs[0] + critic_pairs[0], actor_pairs[1] + critic_pairs[1])
+            self.actor_opt = _ListAdam(self.actor_params, cfg.actor_lr)
+            self.critic_opt = _ListAdam(self.critic_params, cfg.critic_lr, cfg.critic_l2)
+        else:
+            actor_flat, n_actor = _flatten(self.actor)
+            critic_flat, n_critic = _flatten(self.critic)
+            self._soft_pairs = (
+                [_flatten(self.actor_target)[0], _flatten(self.critic_target)[0]],
+                [actor_flat, critic_flat],
+            )
+            # Each optimiser sees one flat parameter whose gradient buffer is filled in place.
+            self.actor_opt = _FlatAdam(actor_flat[:n_actor], cfg.actor_lr)
+            self.critic_opt = _FlatAdam(critic_flat[:n_critic], cfg.critic_lr, cfg.critic_l2)
         self.updates = 0
         self._actor_loss = torch.zeros((), device=device)
         self._critic_step = self._critic_loss
@@ -201,7 +278,9 @@ class DDPGAgent:
             return self._numpy_act(obs)
         self.actor.eval()
         with torch.inference_mode():
-            x = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
+            # pixel frames stay uint8 (4x fewer bytes to move; the encoder casts)
+            dtype = None if self.cfg.pixels else torch.float32
+            x = torch.as_tensor(obs, dtype=dtype, device=self.device).unsqueeze(0)
             action = self.actor(x)[0].cpu().numpy()
         self.actor.train()
         return action
@@ -217,8 +296,15 @@ class DDPGAgent:
                 next_action = next_action.add_(noise.clamp_(-cfg.noise_clip, cfg.noise_clip))
                 next_action = next_action.clamp_(-1.0, 1.0)
             next_q = self.critic_target(batch.next_obs, next_action).min(dim=0).values
-            # reward + gamma * (1 - terminated) * next_q, in two ops instead of four.
-            target = torch.addcmul(batch.reward, 1.0 - batch.terminated, next_q, value=cfg.gamma)
+            if batch.discount is None:
+                # reward + gamma * (1 - terminated) * next_q, in two ops instead of four.
+                target = torch.addcmul(
+                    batch.reward, 1.0 - batch.terminated, next_q, value=cfg.gamma
+                )
+            else:  # n-step: gamma ** steps per sample
+                target = torch.addcmul(
+                    batch.reward, (1.0 - batch.terminated) * batch.discount, next_q
+                )
         q = self.critic(batch.obs, action)
         loss = (q - target).pow(2).mean(dim=1).sum()
         return loss, q[0].mean().detach()
@@ -229,17 +315,19 @@ class DDPGAgent:
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One critic step; every ``policy_delay`` critic steps also an actor step and a soft
         update of both targets. Returns detached scalar tensors."""
+        if self.cfg.augment_pad:
+            # DrQ: obs and next_obs shifted independently; the actor sees the shifted obs too.
+            pad = self.cfg.augment_pad
+            batch = batch._replace(
+                obs=random_shift(batch.obs, pad), next_obs=random_shift(batch.next_obs, pad)
+            )
         critic_loss, q_mean = self._critic_step(batch)
-        grads = torch.autograd.grad(critic_loss, self.critic_params)
-        torch.cat([g.reshape(-1) for g in grads], out=self._critic_vec.grad)
-        self.critic_opt.step()
+        self.critic_opt.step(torch.autograd.grad(critic_loss, self.critic_params))
         self.updates += 1
         if self.updates % self.cfg.policy_delay == 0:
             actor_loss = self._actor_step(batch.obs)
             # Gradients for the actor only: the critic's weight gradients are never computed.
-            grads = torch.autograd.grad(actor_loss, self.actor_params)
-            torch.cat([g.reshape(-1) for g in grads], out=self._actor_vec.grad)
-            self.actor_opt.step()
+            self.actor_opt.step(torch.autograd.grad(actor_loss, self.actor_params))
             self._actor_loss = actor_loss.detach()
             torch._foreach_lerp_(self._soft_pairs[0], self._soft_pairs[1], self.cfg.tau)
         return {"critic_loss": critic_loss.detach(), "actor_loss": self._actor_loss, "q": q_mean}

@@ -9,13 +9,23 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from training.config import PRESETS, ConfigError, TrainConfig, field_docs, load_config, make_config
+from training.config import (
+    PIXEL_PRESETS,
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    field_docs,
+    load_config,
+    make_config,
+)
 
 EXAMPLES = """\
 examples:
   ddpg train --env Pendulum-v1 --steps 20000 --seed 0 --out runs/pendulum
   ddpg train --env HalfCheetah-v5 --preset paper --steps 1000000
   ddpg train --resume runs/pendulum --steps 40000     # continue a run to 40k steps
+  ddpg train --env InvertedPendulum-v5 --pixels --steps 30000    # from 64x64 frames (drq)
+  ddpg train --env InvertedPendulum-v5 --pixels --preset paper   # the paper's pixel DDPG
 """
 
 
@@ -26,7 +36,9 @@ def _flag(name: str) -> str:
 def _default_text(name: str) -> str:
     """The default as help text: one value, or one per preset where the presets differ."""
     base = getattr(TrainConfig(), name)
-    per_preset = {p: values.get(name, base) for p, values in PRESETS.items()}
+    per_preset = {p: values.get(name, base) for p, values in PRESETS.items() if p != "drq"}
+    for p, values in PIXEL_PRESETS.items():
+        per_preset[f"{p} --pixels"] = values.get(name, PRESETS[p].get(name, base))
 
     def show(v: object) -> str:
         return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
@@ -97,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         base = load_config(args.config).to_dict()
         if args.preset is None:
             overrides["preset"] = base["preset"]
-    preset = overrides.pop("preset") or "td3"
+    preset = overrides.pop("preset")
     if args.config is not None and preset != base["preset"]:
         base = {}  # an explicit --preset replaces the file's preset-derived values
     merged = {

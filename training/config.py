@@ -10,11 +10,14 @@ import dataclasses
 import functools
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from control_node.config import field_docs as class_field_docs
+
+if TYPE_CHECKING:
+    from sim_bridge.pixels import PixelSpec
 
 
 class ConfigError(ValueError):
@@ -94,6 +97,36 @@ class TrainConfig:
     policy_delay: int = 2
     """Update actor and targets every N critic updates."""
 
+    pixels: bool = False
+    """Learn from rendered frames instead of the state (sim_bridge.pixels: off-screen MuJoCo,
+    uint8, action repeat, frame stacking); the pixel presets then apply (paper: batch 16,
+    200-200, final layers U(-3e-4, 3e-4)). Steps count agent steps, each action_repeat
+    physics steps."""
+    pixel_size: int = 64
+    """Pixels only: square frame side (64 as in the paper, 84 as in DrQ-v2)."""
+    frame_stack: int = 3
+    """Pixels only: frames per observation (3 RGB frames: 9 channels)."""
+    action_repeat: int = 3
+    """Pixels only: physics steps per agent step, the action held."""
+    camera: str = ""
+    """Pixels only: MuJoCo camera name or id; empty keeps the environment's default view."""
+    conv_strides: tuple[int, ...] = (2, 2, 2)
+    """Pixels only: strides of the 3 convolutions (the paper gives none; DrQ-v2 uses 2,1,1,
+    about 4x the compute and a 19 MB actor at 64x64)."""
+    augment_pad: int = 0
+    """Pixels only: random shift augmentation (DrQ): pad by N pixels and crop back at a random
+    offset, per sample, for obs and next_obs; 0 turns it off."""
+    n_step: int = 1
+    """N-step returns (DrQ-v2: 3): sum N discounted rewards before bootstrapping, stopping at an
+    episode end. Pixels only (the frame replay has the episode structure)."""
+    noise_decay_steps: int = 0
+    """Decay the exploration noise scale linearly from noise_sigma to noise_sigma_final over
+    this many steps (DrQ-v2's schedule); 0 keeps it constant."""
+    noise_sigma_final: float = 0.1
+    """Exploration noise scale at the end of the decay (with noise_decay_steps > 0)."""
+    update_every: int = 1
+    """Update once every N environment steps (updates_per_step updates each time; DrQ-v2: 2)."""
+
     compile: bool = False
     """torch.compile the update; compiling costs 20-70 s and measured no faster on a 2-core CPU, so off by default."""
     threads: int = 1
@@ -142,6 +175,21 @@ class TrainConfig:
             ("noise_clip", self.noise_clip >= 0, "must be >= 0"),
             ("policy_delay", self.policy_delay > 0, "must be positive"),
             ("threads", self.threads >= 0, "must be >= 0"),
+            ("pixel_size", 16 <= self.pixel_size <= 256, "must be in 16..256"),
+            ("frame_stack", 1 <= self.frame_stack <= 16, "must be in 1..16"),
+            ("action_repeat", 1 <= self.action_repeat <= 16, "must be in 1..16"),
+            (
+                "conv_strides",
+                len(self.conv_strides) == 3 and min(self.conv_strides) >= 1,
+                "needs 3 positive strides",
+            ),
+            ("augment_pad", 0 <= self.augment_pad < self.pixel_size // 2, "must be in [0, size/2)"),
+            ("augment_pad", self.pixels or self.augment_pad == 0, "needs --pixels"),
+            ("n_step", 1 <= self.n_step <= 100, "must be in 1..100"),
+            ("n_step", self.pixels or self.n_step == 1, "needs --pixels"),
+            ("noise_decay_steps", self.noise_decay_steps >= 0, "must be >= 0"),
+            ("noise_sigma_final", self.noise_sigma_final >= 0, "must be >= 0"),
+            ("update_every", self.update_every > 0, "must be positive"),
             (
                 "device",
                 self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -151,6 +199,22 @@ class TrainConfig:
         for name, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{name} = {getattr(self, name)!r} {why}")
+        if self.preset in PIXEL_ONLY_PRESETS and not self.pixels:
+            raise ConfigError(f"preset {self.preset!r} learns from pixels; add --pixels")
+
+    def pixel_spec(self) -> PixelSpec | None:
+        """The observation pipeline's spec for a pixel run; None for a state run."""
+        if not self.pixels:
+            return None
+        from sim_bridge.pixels import PixelSpec
+
+        camera: str | int | None = self.camera or None
+        if isinstance(camera, str) and camera.lstrip("-").isdigit():
+            camera = int(camera)
+        try:
+            return PixelSpec(self.pixel_size, self.frame_stack, self.action_repeat, camera)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def run_dir(self) -> Path:
         return Path(self.out or f"runs/{self.env}-{self.preset}-s{self.seed}")
@@ -183,8 +247,48 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_config(preset: str = "td3", **overrides: Any) -> TrainConfig:
-    """A validated config: the preset's values, then ``overrides`` (None means 'not given')."""
+# With --pixels a preset also takes these values: the paper's pixel networks and batch, and
+# pixel-only presets (DrQ-v2's additions on TD3's learner, sized for a CPU).
+PIXEL_PRESETS: dict[str, dict[str, Any]] = {
+    "td3": {"actor_hidden": (200, 200), "critic_hidden": (200, 200), "learning_starts": 1_000},
+    "paper": {
+        "actor_hidden": (200, 200),
+        "critic_hidden": (200, 200),
+        "batch_norm": False,  # no batch norm on frames; see README (pixels)
+        "final_init": 3e-4,
+        "batch_size": 16,
+        "learning_starts": 1_000,
+    },
+    "drq": {
+        "actor_hidden": (200, 200),
+        "critic_hidden": (200, 200),
+        "actor_lr": 1e-4,
+        "critic_lr": 1e-4,
+        "tau": 0.01,
+        "batch_size": 32,
+        "noise_clip": 0.3,
+        "policy_delay": 1,
+        "noise_sigma": 0.5,
+        "noise_sigma_final": 0.1,
+        "noise_decay_steps": 20_000,
+        "augment_pad": 4,
+        "n_step": 3,
+        "update_every": 2,
+        "learning_starts": 1_000,
+    },
+}
+PRESETS["drq"] = {}  # the td3 learner; its pixel values above
+PIXEL_ONLY_PRESETS = frozenset({"drq"})
+DEFAULT_PRESET, DEFAULT_PIXEL_PRESET = "td3", "drq"
+
+
+def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
+    """A validated config: the preset's values, then ``overrides`` (None means 'not given').
+
+    No preset means td3 from the state and drq from pixels."""
+    pixels = bool(_coerce("pixels", overrides["pixels"])) if overrides.get("pixels") else False
+    if preset is None:
+        preset = DEFAULT_PIXEL_PRESET if pixels else DEFAULT_PRESET
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     known = {f.name for f in fields(TrainConfig)}
@@ -192,6 +296,8 @@ def make_config(preset: str = "td3", **overrides: Any) -> TrainConfig:
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
     values: dict[str, Any] = {**PRESETS[preset], "preset": preset}
+    if pixels:
+        values.update(PIXEL_PRESETS[preset])
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     cfg.validate()
@@ -252,7 +358,7 @@ def load_config(path: Path) -> TrainConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     data = dict(data)
-    preset = data.pop("preset", "td3")
+    preset = data.pop("preset", None)
     try:
         return make_config(preset, **data)
     except ConfigError as e:

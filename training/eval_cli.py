@@ -95,7 +95,7 @@ def _video_writer(path: Path, fps: float) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.policy import OnnxPolicy, PolicyError, load_checked_proto
+    from models.policy import OnnxPolicy, PolicyError, load_checked_proto, pixel_spec_dict
     from sim_bridge.envs import EnvError, env_spec, make_env
     from training.evaluation import evaluate
 
@@ -116,18 +116,25 @@ def run(args: argparse.Namespace) -> int:
         # Off-screen GL; must be chosen before MuJoCo's renderer is first imported.
         os.environ.setdefault("MUJOCO_GL", "egl")
         env_kwargs = {"render_mode": "rgb_array", "width": width, "height": height}
-    env_id = args.env
-    if env_id is None:
-        try:
-            data = args.model.read_bytes()
-        except OSError as e:
-            return fail(f"{args.model}: cannot read model file: {e.strerror}")
-        try:
-            env_id = load_checked_proto(data, str(args.model))[1].env_id
-        except PolicyError as e:
-            return fail(str(e))
     try:
-        env = make_env(env_id, **env_kwargs)
+        data = args.model.read_bytes()
+    except OSError as e:
+        return fail(f"{args.model}: cannot read model file: {e.strerror}")
+    try:
+        model_meta = load_checked_proto(data, str(args.model))[1]
+    except PolicyError as e:
+        return fail(str(e))
+    env_id = args.env or model_meta.env_id
+    pixels = pixel_spec_dict(model_meta)
+    if pixels is not None and args.video is not None:
+        return fail("--video records state models; a pixel model sees its own 64x64 frames")
+    try:
+        if pixels is not None:  # the same render, repeat and stacking as in training
+            from sim_bridge.pixels import PixelSpec, make_pixel_env
+
+            env = make_pixel_env(env_id, PixelSpec.from_dict(pixels))
+        else:
+            env = make_env(env_id, **env_kwargs)
     except EnvError as e:
         return fail(str(e))
     writer = None

@@ -39,7 +39,10 @@ def evaluate(policy: Policy, env: gym.Env, episodes: int, seed: int) -> EvalResu
         obs, _ = env.reset(seed=seed + i)
         total, length, done = 0.0, 0, False
         while not done:
-            action = np.clip(policy(np.asarray(obs, dtype=np.float32)), low, high)
+            obs = np.asarray(obs)  # pixel frames stay uint8; states go in as float32
+            if obs.dtype != np.uint8:
+                obs = obs.astype(np.float32, copy=False)
+            action = np.clip(policy(obs), low, high)
             obs, reward, terminated, truncated, _ = env.step(action)
             total += float(reward)
             length += 1

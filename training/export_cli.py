@@ -49,13 +49,11 @@ def export_run_report(
     run_dir: Path, out: Path | None = None, probes: int | None = None
 ) -> ExportReport:
     """:func:`export_run`, returning the export report."""
-    import torch
-
     from models.export import PARITY_PROBES, export_actor
-    from models.networks import Actor
     from sim_bridge.envs import env_spec, make_env
+    from training.agent import build_networks
     from training.config import ConfigError, load_config
-    from training.trainer import CHECKPOINT_FORMAT, eval_seed
+    from training.trainer import eval_seed, read_checkpoint
 
     run_dir = Path(run_dir)
     cfg_path, ckpt_path = run_dir / "config.yaml", run_dir / "checkpoint.pt"
@@ -63,38 +61,30 @@ def export_run_report(
         if not p.exists():
             raise ConfigError(f"{run_dir} is not a run directory: {p.name} is missing")
     cfg = load_config(cfg_path)
-    try:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"{ckpt_path}: cannot read checkpoint: {e}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else None
-        raise ConfigError(f"{ckpt_path}: checkpoint format {found!r} is not {CHECKPOINT_FORMAT}")
-    env = make_env(cfg.env)
+    state = read_checkpoint(ckpt_path)
+    env = make_env(cfg.env)  # the spaces only: a pixel run's frames need no rendering here
     try:
         spec = env_spec(cfg.env, env)
         space = env.observation_space
     finally:
         env.close()
-    actor = Actor(
-        spec.obs_dim,
-        spec.act_low,
-        spec.act_high,
-        cfg.actor_hidden,
-        obs_norm=cfg.batch_norm,
-    )
+    pixel_spec = cfg.pixel_spec()
+    obs_shape = pixel_spec.obs_shape if pixel_spec is not None else spec.obs_shape
+    actor, _ = build_networks(cfg, obs_shape, spec.act_low, spec.act_high)
     try:
         actor.load_state_dict(state["agent"]["actor"])
     except (KeyError, RuntimeError) as e:
         raise ConfigError(f"{ckpt_path}: actor weights do not fit the run's config: {e}") from None
+    if pixel_spec is not None:
+        bounds = {"obs_low": [0.0], "obs_high": [255.0], "pixels": json.dumps(pixel_spec.to_dict())}
+    else:
+        bounds = {"obs_low": space.low.reshape(-1), "obs_high": space.high.reshape(-1)}
     path = Path(out) if out is not None else run_dir / "actor.onnx"
     return export_actor(
         actor,
         path,
         probes=probes or PARITY_PROBES,
         env_id=cfg.env,
-        obs_low=space.low.reshape(-1),
-        obs_high=space.high.reshape(-1),
         act_low=spec.act_low,
         act_high=spec.act_high,
         preset=cfg.preset,
@@ -102,6 +92,7 @@ def export_run_report(
         train_steps=int(state["step"]),
         seed=cfg.seed,
         eval_seed=eval_seed(cfg),
+        **bounds,
     )
 
 

@@ -423,14 +423,79 @@ class FrameReplay:
             raise ValueError("cannot sample from an empty replay buffer")
         return torch.randint(0, self.size, (batch_size,), device=self.device, generator=generator)
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
+    def sample(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        n_step: int = 1,
+        gamma: float = 0.99,
+    ) -> Batch:
         """Uniformly sampled transitions (with replacement) for the learner, on the device.
 
         The state buffer's :class:`~training.replay.Batch`: uint8 stacks, float ``terminated``.
-        ``truncated`` and the optional states come from :meth:`sample_full`.
+        ``truncated`` and the optional states come from :meth:`sample_full`. With ``n_step``
+        > 1 the batch holds n-step returns instead (see :meth:`n_step_batch`).
         """
-        b = self.gather(self._draw(batch_size, generator))
+        rows = self._draw(batch_size, generator)
+        if n_step > 1:
+            return self.n_step_batch(rows, n_step, gamma)
+        b = self.gather(rows)
         return Batch(b.obs, b.action, b.reward, b.next_obs, b.terminated)
+
+    def n_step_batch(self, rows: torch.Tensor, n_step: int, gamma: float) -> Batch:
+        """N-step transitions starting at ``rows`` (by age, as :meth:`gather`).
+
+        ``reward`` is ``sum_k gamma^k r_{t+k}`` over up to ``n_step`` steps, ``next_obs`` the
+        observation after the last of them, ``terminated`` that step's, and ``discount``
+        ``gamma ** steps`` for the bootstrap. A return stops early at an episode end
+        (terminated or truncated), at the newest transition, and where the next row does not
+        continue this one. Continuity is read from the frames themselves: row ``t + 1``
+        continues row ``t`` exactly when its observation's frames are ``t``'s next
+        observation's, so episodes added from logs with gaps are handled like any other.
+        """
+        idx = rows.to(self.device)
+        d, s, cap = self.data, self.stack, self.capacity
+        first = (idx + self.tail).remainder_(cap)
+        last = first
+        pos_last = torch.index_select(d["frame_pos"], 0, last)
+        reward = torch.index_select(d["reward"], 0, last).clone()
+        ended = torch.index_select(d["terminated"], 0, last) | torch.index_select(
+            d["truncated"], 0, last
+        )
+        alive = ~ended
+        discount = torch.full_like(reward, gamma)
+        for k in range(1, n_step):
+            in_range = idx + k < self.size
+            nxt = (idx + k + self.tail).remainder_(cap)
+            pos_next = torch.index_select(d["frame_pos"], 0, nxt)
+            same = (pos_next[:, :s] == pos_last[:, 1:]).all(dim=1)
+            go = alive & in_range & same
+            if not bool(go.any()):
+                break
+            r = torch.index_select(d["reward"], 0, nxt)
+            reward = torch.where(go, reward + discount * r, reward)
+            discount = torch.where(go, discount * gamma, discount)
+            last = torch.where(go, nxt, last)
+            pos_last = torch.where(go[:, None], pos_next, pos_last)
+            ended = torch.index_select(d["terminated"], 0, nxt) | torch.index_select(
+                d["truncated"], 0, nxt
+            )
+            alive = go & ~ended
+        pos_first = torch.index_select(d["frame_pos"], 0, first)
+        b = idx.shape[0]
+
+        def stack_of(pos: torch.Tensor) -> torch.Tensor:
+            frames = torch.index_select(self.frames, 0, pos.reshape(-1))
+            return frames.view(b, *self.obs_shape)
+
+        return Batch(
+            obs=stack_of(pos_first[:, :s]),
+            action=torch.index_select(d["action"], 0, first),
+            reward=reward,
+            next_obs=stack_of(pos_last[:, 1:]),
+            terminated=torch.index_select(d["terminated"], 0, last).float(),
+            discount=discount,
+        )
 
     def sample_full(self, batch_size: int, generator: torch.Generator | None = None) -> FrameBatch:
         """As :meth:`sample` (the same draws for the same generator state) with every field."""

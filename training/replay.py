@@ -19,10 +19,13 @@ class Batch(NamedTuple):
     reward: torch.Tensor
     next_obs: torch.Tensor
     terminated: torch.Tensor
+    discount: torch.Tensor | None = None
+    """Per-sample bootstrap discount (gamma ** steps) for n-step returns; None: one step,
+    the learner's gamma."""
 
 
 _FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
-_BATCH_FIELDS = Batch._fields
+_BATCH_FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
 
 
 class ReplayBuffer:
@@ -50,6 +53,12 @@ class ReplayBuffer:
         )
         self.pos = 0
         self.size = 0
+
+    @staticmethod
+    def memory_needed(capacity: int, obs_dim: int, act_dim: int) -> int:
+        """Bytes a buffer with these arguments holds: obs, next_obs, action and three scalars,
+        float32."""
+        return capacity * 4 * (2 * obs_dim + act_dim + 3)
 
     def __len__(self) -> int:
         return self.size

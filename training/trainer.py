@@ -14,19 +14,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 
-from sim_bridge.envs import env_spec, make_env
+from sim_bridge.envs import EnvError, env_spec, make_env
 from training.agent import DDPGAgent
 from training.config import ConfigError, TrainConfig, load_config, make_config, save_config
 from training.evaluation import EvalResult, evaluate
+from training.frame_replay import FrameReplay, ReplayMemoryError, check_fits, format_bytes
 from training.metrics import MetricsWriter, finite_or_none, plot_learning_curve
 from training.noise import make_noise
-from training.replay import ReplayBuffer
+from training.replay import Batch, ReplayBuffer
 
 CHECKPOINT_FORMAT = 1
 EVAL_SEED_OFFSET = 10_000  # evaluation episodes never share seeds with training episodes
+
+
+def make_train_env(cfg: TrainConfig) -> gym.Env:
+    """The environment ``cfg`` trains and evaluates on: the state env, or its pixel pipeline
+    (the same one the bridge serves through)."""
+    spec = cfg.pixel_spec()
+    if spec is None:
+        return make_env(cfg.env)
+    from sim_bridge.pixels import make_pixel_env
+
+    return make_pixel_env(cfg.env, spec)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,25 +94,25 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.env = make_env(cfg.env)
-        self.eval_env = make_env(cfg.env)
+        self.pixel_spec = cfg.pixel_spec()
+        self.env = make_train_env(cfg)
+        self.eval_env = make_train_env(cfg)
         self.spec = env_spec(cfg.env, self.env)
-        if len(self.spec.obs_shape) != 1:
+        if not cfg.pixels and len(self.spec.obs_shape) != 1:
             raise ConfigError(
                 f"environment {cfg.env!r} has {self.spec.obs_shape}-shaped observations; "
                 "the state trainer needs a flat vector"
             )
+        self.replay = self._make_replay()
         self.agent = DDPGAgent(
-            cfg, self.spec.obs_dim, self.spec.act_low, self.spec.act_high, self.device
-        )
-        self.replay = ReplayBuffer(
-            min(cfg.buffer_size, cfg.steps), self.spec.obs_dim, self.spec.act_dim, self.device
+            cfg, self.spec.obs_shape, self.spec.act_low, self.spec.act_high, self.device
         )
         self.noise = make_noise(
             cfg.noise, self.spec.act_dim, cfg.noise_sigma, cfg.noise_theta, cfg.seed + 1
         )
         self.rng = np.random.default_rng(cfg.seed + 2)  # uniform actions before learning starts
         self.step = 0
+        self.env_steps = 0  # physics steps: step times action_repeat, less at episode ends
         self.episode = 0
         self.wall_s = 0.0  # training wall time over all sessions of this run
         self.last_eval: EvalResult | None = None
@@ -110,6 +123,64 @@ class Trainer:
             self._load_checkpoint(ckpt_path)
         save_config(cfg, self.run_dir / "config.yaml")
         self.metrics = MetricsWriter(self.run_dir)
+
+    def _make_replay(self) -> ReplayBuffer | FrameReplay:
+        """The replay buffer, its memory stated up front; refused when it cannot fit."""
+        cfg, spec = self.cfg, self.spec
+        capacity = min(cfg.buffer_size, cfg.steps)
+        if self.pixel_spec is not None:
+            frame_shape = self.pixel_spec.frame_shape
+            args = (capacity, frame_shape, self.pixel_spec.stack)
+            need = FrameReplay.memory_needed(*args, act_dim=spec.act_dim)
+        else:
+            need = ReplayBuffer.memory_needed(capacity, spec.obs_dim, spec.act_dim)
+        try:
+            check_fits(need, self.device)
+        except ReplayMemoryError as e:
+            raise ConfigError(f"buffer_size = {capacity}: {e}; lower --buffer-size") from None
+        self.replay_bytes = need
+        print(  # always, also without a progress bar: a user should know before it fills
+            f"ddpg train: replay {capacity:,} transitions, {format_bytes(need)} on "
+            f"{self.device} ({need / capacity:,.0f} bytes per transition)",
+            file=sys.stderr,
+        )
+        if self.pixel_spec is not None:
+            return FrameReplay(*args, act_dim=spec.act_dim, device=self.device)
+        return ReplayBuffer(capacity, spec.obs_dim, spec.act_dim, self.device)
+
+    def _begin_episode(self, info: dict[str, Any]) -> None:
+        if isinstance(self.replay, FrameReplay):
+            self.replay.start_episode(info["frame"])  # the stack is implicit: frames once
+
+    def _store(
+        self,
+        obs: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        next_obs: np.ndarray,
+        terminated: bool,
+        truncated: bool,
+        info: dict[str, Any],
+    ) -> None:
+        if isinstance(self.replay, FrameReplay):
+            self.replay.add(action, reward, info["frame"], terminated, truncated)
+        else:
+            self.replay.add(obs, action, reward, next_obs, terminated, truncated)
+
+    def _noise_sigma(self) -> float:
+        """The exploration scale at this step: constant, or DrQ-v2's linear decay."""
+        cfg = self.cfg
+        if not cfg.noise_decay_steps:
+            return cfg.noise_sigma
+        frac = min(1.0, self.step / cfg.noise_decay_steps)
+        return cfg.noise_sigma + frac * (cfg.noise_sigma_final - cfg.noise_sigma)
+
+    def _sample(self) -> Batch:
+        if isinstance(self.replay, FrameReplay):
+            return self.replay.sample(
+                self.cfg.batch_size, n_step=self.cfg.n_step, gamma=self.cfg.gamma
+            )
+        return self.replay.sample(self.cfg.batch_size)
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -123,6 +194,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "step": self.step,
+            "env_steps": self.env_steps,
             "episode": self.episode,
             "wall_s": self.wall_s,
             "has_replay": self.cfg.save_replay,
@@ -141,6 +213,7 @@ class Trainer:
         if state["cuda_rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.step = int(state["step"])
+        self.env_steps = int(state.get("env_steps", self.step))
         self.episode = int(state["episode"])
         self.wall_s = float(state["wall_s"])
         replay_path = self.run_dir / "replay.pt"
@@ -175,11 +248,12 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train up to ``cfg.steps``, then evaluate, checkpoint, and write eval.json and the PNG.
         After :meth:`request_stop` it checkpoints and returns ``{"interrupted": True, ...}``."""
-        cfg, agent, replay, env = self.cfg, self.agent, self.replay, self.env
+        cfg, agent, env = self.cfg, self.agent, self.env
         low, high = self.spec.act_low, self.spec.act_high
         half_range = (high - low) / 2.0
         # A resumed run starts a fresh episode: the simulator state is not in the checkpoint.
-        obs, _ = env.reset(seed=cfg.seed + self.step)
+        obs, info = env.reset(seed=cfg.seed + self.step)
+        self._begin_episode(info)
         self.noise.reset()
         ep_return, ep_len = 0.0, 0
         nan = torch.tensor(float("nan"))
@@ -192,23 +266,26 @@ class Trainer:
                 if self.step < cfg.learning_starts:
                     action = self.rng.uniform(low, high).astype(np.float32)
                 else:
+                    self.noise.sigma = self._noise_sigma()
                     action = np.clip(agent.act(obs) + half_range * self.noise(), low, high)
-                next_obs, reward, terminated, truncated, _ = env.step(action)
-                replay.add(obs, action, float(reward), next_obs, terminated, truncated)
+                next_obs, reward, terminated, truncated, info = env.step(action)
+                self._store(obs, action, float(reward), next_obs, terminated, truncated, info)
                 ep_return += float(reward)
                 ep_len += 1
                 self.step += 1
+                self.env_steps += int(info.get("repeats", 1))
                 if terminated or truncated:
                     self.episode += 1
                     self.metrics.log("episodes", self.step, {"return": ep_return, "length": ep_len})
-                    obs, _ = env.reset()
+                    obs, info = env.reset()
+                    self._begin_episode(info)
                     self.noise.reset()
                     ep_return, ep_len = 0.0, 0
                 else:
                     obs = next_obs
-                if self.step >= cfg.learning_starts:
+                if self.step >= cfg.learning_starts and self.step % cfg.update_every == 0:
                     for _ in range(cfg.updates_per_step):
-                        metrics = agent.update(replay.sample(cfg.batch_size))
+                        metrics = agent.update(self._sample())
                 if self.step % cfg.log_every == 0:
                     now = time.perf_counter()
                     values = {k: float(v) for k, v in metrics.items()}
@@ -242,7 +319,10 @@ class Trainer:
             "preset": cfg.preset,
             "seed": cfg.seed,
             "steps": self.step,
+            "env_steps": self.env_steps,
+            "pixels": self.pixel_spec.to_dict() if self.pixel_spec else None,
             "updates": agent.updates,
+            "replay_bytes": self.replay_bytes,
             "episodes": cfg.eval_episodes,
             "eval_seed": eval_seed(cfg),
             "eval_return_mean": finite_or_none(final.mean) if final else None,
@@ -266,7 +346,7 @@ class Trainer:
 
         try:
             return {"model": str(export_run(self.run_dir, log=self._log))}
-        except ExportError as e:
+        except (ExportError, ConfigError, EnvError) as e:
             print(
                 f"ddpg train: export failed: {e}; the run is intact, retry with "
                 f"`ddpg export {self.run_dir}`",

@@ -1,0 +1,129 @@
+"""``ddpg train --pixels``: a short run past learning_starts, its exported uint8 actor, the
+pixel presets, same-seed equality, and refusals before any work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from models.policy import OnnxPolicy, pixel_spec_dict
+from training.config import ConfigError, make_config
+from training.trainer import train
+
+DDPG = [sys.executable, "-m", "control_node"]
+SMOKE = {
+    "env": "InvertedPendulum-v5",
+    "pixels": True,
+    "steps": 60,
+    "learning_starts": 40,
+    "batch_size": 8,
+    "eval_every": 0,
+    "eval_episodes": 1,
+    "seed": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def drq_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One drq run with export (the export's parity check is most of its time)."""
+    out = tmp_path_factory.mktemp("drq")
+    summary = train(make_config("drq", **SMOKE, out=str(out)), progress=False)
+    return out, summary
+
+
+def test_pixel_run_updates_and_exports_a_checked_uint8_actor(drq_run: tuple[Path, dict]) -> None:
+    out, summary = drq_run
+    # update_every 2 at steps 40, 42, ..., 60: updating happened past learning_starts
+    assert summary["updates"] == 11
+    assert summary["pixels"] == {"size": 64, "stack": 3, "repeat": 3, "camera": None}
+    assert summary["steps"] == 60 and 60 < summary["env_steps"] <= 180  # 3 physics steps each
+    assert summary["replay_bytes"] < 2 * 3 * 64 * 64 * 60  # under two frames per transition
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["model"] == str(out / "actor.onnx")
+    policy = OnnxPolicy(out / "actor.onnx")
+    meta = policy.metadata
+    assert meta.obs_dtype == "uint8" and meta.obs_shape == (9, 64, 64)
+    assert pixel_spec_dict(meta) == summary["pixels"]
+    graph = onnx.load(out / "actor.onnx").graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    frames = np.random.default_rng(0).integers(0, 256, (4, 9, 64, 64), dtype=np.uint8)
+    actions = policy(frames)
+    assert actions.shape == (4, 1) and np.all(np.abs(actions) <= 3.0)
+
+
+def test_eval_cli_renders_frames_for_a_pixel_actor(drq_run: tuple[Path, dict]) -> None:
+    out, _ = drq_run
+    done = subprocess.run(
+        [*DDPG, "eval", str(out / "actor.onnx"), "--episodes", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["env"] == "InvertedPendulum-v5" and len(result["returns"]) == 1
+
+
+def test_same_seed_pixel_runs_are_equal(tmp_path: Path) -> None:
+    """Rendering, replay sampling, augmentation and n-step targets are all seeded."""
+    weights = []
+    for name in ("a", "b"):
+        cfg = make_config("drq", **SMOKE, out=str(tmp_path / name), export=False)
+        summary = train(cfg, progress=False)
+        state = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        weights.append((summary["eval_returns"], state["agent"]["critic"]))
+    assert weights[0][0] == weights[1][0]
+    for key, value in weights[0][1].items():
+        assert torch.equal(value, weights[1][1][key]), key
+
+
+def test_paper_pixel_preset_is_the_papers() -> None:
+    cfg = make_config("paper", pixels=True)
+    assert cfg.batch_size == 16 and cfg.final_init == 3e-4
+    assert cfg.actor_hidden == (200, 200) == cfg.critic_hidden
+    assert (cfg.frame_stack, cfg.action_repeat, cfg.pixel_size) == (3, 3, 64)
+    assert cfg.noise == "ou" and not cfg.twin_q and cfg.n_step == 1 and cfg.augment_pad == 0
+    drq = make_config(None, pixels=True)  # the pixel default
+    assert drq.preset == "drq" and drq.augment_pad == 4 and drq.n_step == 3
+    assert drq.noise_decay_steps > 0 and drq.twin_q
+    assert make_config(None).preset == "td3"  # the state default is unchanged
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"preset": "drq"}, "preset 'drq' learns from pixels; add --pixels"),
+        ({"n_step": 3}, "n_step = 3 needs --pixels"),
+        ({"augment_pad": 4}, "augment_pad = 4 needs --pixels"),
+        ({"pixels": True, "pixel_size": 8}, "pixel_size = 8 must be in 16..256"),
+        ({"pixels": True, "conv_strides": "2,2"}, "conv_strides = (2, 2) needs 3"),
+    ],
+)
+def test_bad_pixel_config_is_refused(overrides: dict, message: str) -> None:
+    overrides = dict(overrides)
+    preset = overrides.pop("preset", None)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_config(preset, **overrides)
+
+
+HUGE = ["--steps", "100000000", "--buffer-size", "100000000", "--no-progress"]
+
+
+def test_a_replay_that_does_not_fit_is_refused_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "huge"
+    done = subprocess.run(
+        [*DDPG, "train", "--env", "InvertedPendulum-v5", "--pixels", *HUGE, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "buffer_size = 100000000" in done.stderr and "lower --buffer-size" in done.stderr
+    assert not (out / "checkpoint.pt").exists()
