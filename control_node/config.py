@@ -74,6 +74,36 @@ class NodeConfig:
 
 
 @dataclass
+class PixelConfig:
+    """Pixel observations of a bridge: what ``sim_bridge.pixels.PixelSpec`` holds, checked by it.
+
+    The served model must have been trained on exactly this spec (its ONNX metadata says which);
+    the node refuses a bridge whose spec differs, and ``ddpg launch`` refuses the file before
+    starting anything."""
+
+    size: int = 64
+    """Square frame side in pixels (16..256), rendered natively by MuJoCo."""
+    stack: int = 3
+    """Frames per observation, oldest first: the observation is (3 * stack, size, size) uint8."""
+    repeat: int = 3
+    """Physics steps per bridge step (action repeat): rate_hz counts bridge steps."""
+    camera: str | int | None = None
+    """MuJoCo camera name or id (-1: the free camera); null keeps the environment's default."""
+
+    def validate(self) -> None:
+        from sim_bridge.pixels import PixelSpec  # imports MuJoCo's stack: only when pixels are used
+
+        try:
+            PixelSpec(**self.to_dict())
+        except ValueError as e:  # "pixel spec: size must be in 16..256, got 8" -> names the key
+            raise ConfigError(str(e).removeprefix("pixel spec: ")) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as ``PixelSpec.to_dict`` writes it (the model metadata's form)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
 class BridgeConfig:
     """One simulator bridge (``ddpg bridge``)."""
 
@@ -98,7 +128,11 @@ class BridgeConfig:
     episodes: int = 0
     """Stop after this many episodes (0: run until stopped)."""
     max_episode_steps: int = 0
-    """Truncate episodes at this length (0: the environment's own time limit)."""
+    """Truncate episodes at this length (0: the environment's own time limit). With pixels it
+    counts physics steps, as the environment's own limit and the trainer do."""
+    pixels: PixelConfig | None = None
+    """Observe rendered frames (a mapping: size, stack, repeat, camera) instead of the state;
+    null: state observations."""
     restart: str = "on-failure"
     """Launch only: restart policy when the bridge process dies: never, on-failure, always."""
     max_restarts: int = 3
@@ -114,6 +148,11 @@ class BridgeConfig:
         if not self.id or not self.id.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"id = {self.id!r}: use letters, digits, '-' and '_'")
         _check_endpoint("node", self.node)
+        if self.pixels is not None:
+            try:
+                self.pixels.validate()
+            except ConfigError as e:
+                raise ConfigError(f"pixels.{e}") from None
 
 
 @dataclass
@@ -242,8 +281,13 @@ def _coerce(where: str, kind: Any, value: Any) -> Any:
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(where, inner, value)
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:  # str | int: the first that takes the value
+            try:
+                return _coerce(where, option, value)
+            except ConfigError:
+                continue
+        return _coerce(where, options[-1], value)
     if dataclass_type := (kind if isinstance(kind, type) and hasattr(kind, "validate") else None):
         return from_mapping(dataclass_type, value, where)
     if origin is list:
@@ -287,6 +331,31 @@ def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
     return obj
 
 
+def _check_bridge_observations(path: Path, cfg: LaunchConfig) -> None:
+    """Refuse, before anything starts, a bridge whose observations the model cannot take: state
+    for a pixel model, pixels for a state model, or another pixel spec (the node would refuse
+    it at hello, and a launch would wait for it in vain)."""
+    import onnx  # the model's metadata only; the node runs the full checks when it loads it
+
+    from models.policy import pixel_differences, pixel_spec_dict, read_metadata
+
+    try:
+        meta = read_metadata(onnx.load(cfg.node.model, load_external_data=False))
+    except Exception as e:  # PolicyError, or protobuf's own DecodeError for garbage
+        raise ConfigError(
+            f"{path}: node.model = {cfg.node.model!r}: not an exported actor: {e}"
+        ) from None
+    model = pixel_spec_dict(meta)
+    for i, b in enumerate(cfg.bridges):
+        ours = None if b.pixels is None else b.pixels.to_dict()
+        diff = pixel_differences(ours, model)
+        if diff:
+            raise ConfigError(
+                f"{path}: bridges[{i}] ({b.id}): its observations do not fit node.model "
+                f"({'; '.join(diff)}, bridge vs model)"
+            )
+
+
 def load_launch(path: Path, check_ports: bool = True) -> LaunchConfig:
     """Load ``launch.yaml``; the model path is resolved against the file's directory and must
     exist, and (with ``check_ports``) the node's ports must be free."""
@@ -306,6 +375,7 @@ def load_launch(path: Path, check_ports: bool = True) -> LaunchConfig:
     if not model.is_file():
         raise ConfigError(f"{path}: node.model = {cfg.node.model!r}: no such file ({model})")
     cfg.node.model = str(model)
+    _check_bridge_observations(path, cfg)
     if cfg.node.log_dir is not None and not Path(cfg.node.log_dir).is_absolute():
         cfg.node.log_dir = str((path.parent / cfg.node.log_dir).resolve())
     cont = cfg.continual

@@ -24,6 +24,7 @@ from typing import Any
 from control_node.admin import AdminError, request
 from control_node.config import BridgeConfig, ConfigError, LaunchConfig, NodeConfig, load_launch
 from control_node.continual import read_decisions
+from sim_bridge.bridge_cli import NOT_FLAGS, pixel_flags
 
 EXAMPLES = """\
 examples:
@@ -134,7 +135,7 @@ class Launcher:
         self.bridges = [
             Child(
                 f"bridge {b.id}",
-                [*py, "bridge", *_flags(b, skip=("restart", "max_restarts")), "--json"],
+                [*py, "bridge", *_flags(b, skip=NOT_FLAGS), *pixel_flags(b.pixels), "--json"],
             )
             for b in cfg.bridges
         ]

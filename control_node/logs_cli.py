@@ -41,6 +41,22 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _pixel_lines(s: dict[str, Any]) -> list[str]:
+    """Pixel logs: the spec and how many frames are stored per transition (each frame once:
+    about 1; obs and next_obs on every row would be 2 * stack)."""
+    p = s["pixels"]
+    if p is None:
+        return []
+    camera = "default" if p.get("camera") is None else p["camera"]
+    return [
+        f"{'pixels':<12} {p['size']}x{p['size']}, stack {p['stack']}, repeat {p['repeat']}, "
+        f"camera {camera}",
+        f"{'frames':<12} {s['frames_stored']:,} stored ({_size(s['frame_bytes'])} each), "
+        f"{s['frames_per_transition']:.3f} per transition, {s['segment_starts']:,} segment "
+        f"starts (obs + next_obs per row: {2 * p['stack']})",
+    ]
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """The human view of :func:`control_node.translog.summarize`: a few aligned lines."""
     lines = [f"{'log':<12} {', '.join(s['dirs'])}"]
@@ -53,7 +69,9 @@ def format_summary(s: dict[str, Any]) -> str:
         lines += [
             f"{'env':<12} {s['env_id']}   obs {shape}) {s['obs_dtype']}   "
             f"act_dim {s['act_dim']}   schema v{s['schema_version']}",
-            f"{'chunks':<12} {s['chunks']}   {_size(s['bytes'])}",
+            f"{'chunks':<12} {s['chunks']}   {_size(s['bytes'])}   "
+            f"{_size(round(s['bytes_per_transition']))} per transition",
+            *_pixel_lines(s),
             f"{'transitions':<12} {s['transitions']:,} from {len(s['bridges'])} bridges "
             f"({s['bridge_sessions']} sessions) over {s['span_s']:.1f} s, "
             f"{s['first_chunk_utc']} .. {s['last_chunk_utc']}",

@@ -40,7 +40,7 @@ import zmq
 from control_node import protocol as P
 from control_node.config import NodeConfig
 from control_node.translog import LogSpec, Transition, TransitionLog
-from models.policy import OnnxPolicy, PolicyError, check_expected
+from models.policy import OnnxPolicy, PolicyError, check_expected, pixel_spec_dict
 
 
 class NodeError(RuntimeError):
@@ -191,6 +191,9 @@ class ControlNode:
         self.model_id = meta.model_id
         self.model_ids = {self.model_id}  # every model that has served here
         self.act_low, self.act_high = meta.act_low, meta.act_high
+        # fixed for the node's life: a deploy must match it (check_expected on the live spec)
+        self.obs_dtype = np.dtype(meta.obs_dtype)
+        self._float_obs = self.obs_dtype.kind == "f"  # only floats can be non-finite
         safe = np.zeros(self.policy.act_dim) if cfg.safe_action is None else cfg.safe_action
         safe = np.asarray(safe, dtype=np.float32)
         if safe.shape != (self.policy.act_dim,):
@@ -233,6 +236,7 @@ class ControlNode:
                 obs_dtype=meta.obs_dtype,
                 act_low=tuple(float(x) for x in meta.act_low),
                 act_high=tuple(float(x) for x in meta.act_high),
+                pixels=meta.pixels,  # pixel models: each frame stored once (see translog)
             )
             try:
                 self.translog = TransitionLog(Path(cfg.log_dir), spec, cfg.chunk_seconds)
@@ -457,12 +461,17 @@ class ControlNode:
                 "spec_mismatch",
                 f"bridge observations are {msg['obs_dtype']}; the model takes {meta.obs_dtype}",
             )
+        pixels = msg.fields.get("pixels")
+        if pixels is not None and not isinstance(pixels, dict):
+            raise P.ProtocolError("bad_field", f"hello: pixels = {pixels!r} is not a map or nil")
         try:
             spec = _HelloSpec(
                 msg["env_id"],
                 tuple(int(d) for d in msg["obs_shape"]),
                 np.asarray(msg["act_low"], dtype=np.float32),
                 np.asarray(msg["act_high"], dtype=np.float32),
+                msg["obs_dtype"],
+                pixels,
             )
         except (TypeError, ValueError) as e:
             raise P.ProtocolError("bad_field", f"hello: malformed spec: {e}") from None
@@ -524,11 +533,11 @@ class ControlNode:
     def _check_obs(self, msg: P.Message) -> None:
         obs = msg.arrays["obs"]
         shape = self.policy.obs_shape
-        if obs.shape != shape or obs.dtype != np.float32:
+        if obs.shape != shape or obs.dtype != self.obs_dtype:
             raise P.ProtocolError(
                 "bad_shape",
-                f"obs: observation is {obs.dtype} {list(obs.shape)}; the model takes float32 "
-                f"{list(shape)}",
+                f"obs: observation is {obs.dtype} {list(obs.shape)}; the model takes "
+                f"{self.obs_dtype} {list(shape)}",
             )
         action = msg.arrays.get("action")
         if msg["step"] > 0:
@@ -639,14 +648,17 @@ class ControlNode:
         self, bridges: list[BridgeState], msgs: list[P.Message], recv_ns: list[int], t_tick: int
     ) -> None:
         """Infer all observations in one batch and send each bridge its action."""
+        check = self._float_obs  # uint8 frames are always finite: no pass over them
         if len(msgs) == 1:
             obs = msgs[0].arrays["obs"]
-            finite = np.array([np.isfinite(obs).all()])
+            finite = np.array([not check or np.isfinite(obs).all()])
             actions = (self.policy(obs) if finite[0] else self.safe_action)[None]
         else:
             batch = np.stack([m.arrays["obs"] for m in msgs])
-            finite = np.isfinite(batch).reshape(len(msgs), -1).all(axis=1)
-            batch[~finite] = 0.0
+            finite = np.ones(len(msgs), dtype=bool)
+            if check:
+                finite = np.isfinite(batch).reshape(len(msgs), -1).all(axis=1)
+                batch[~finite] = 0.0
             actions = self.policy(batch)
         ok = finite & np.isfinite(actions).all(axis=1)
         if not ok.all():
@@ -935,15 +947,27 @@ class ControlNode:
 
 @dataclass(frozen=True)
 class _HelloSpec:
+    """What a bridge (or the live model, for a deploy) needs a model to take."""
+
     env_id: str
     obs_shape: tuple[int, ...]
     act_low: np.ndarray
     act_high: np.ndarray
+    obs_dtype: str
+    pixels: dict[str, Any] | None
+    """The pixel spec (size, stack, repeat, camera); None for state observations."""
 
 
 def _spec_of(policy: OnnxPolicy) -> _HelloSpec:
     meta = policy.metadata
-    return _HelloSpec(meta.env_id, tuple(meta.obs_shape), meta.act_low, meta.act_high)
+    return _HelloSpec(
+        meta.env_id,
+        tuple(meta.obs_shape),
+        meta.act_low,
+        meta.act_high,
+        meta.obs_dtype,
+        pixel_spec_dict(meta),
+    )
 
 
 def summary_line(status: dict[str, Any]) -> str:

@@ -242,7 +242,11 @@ def hello(
     mode: str,
     rate_hz: float,
     pid: int,
+    pixels: dict[str, Any] | None = None,
 ) -> list[bytes | memoryview]:
+    """``pixels``: the bridge's pixel spec (size, stack, repeat, camera) when it sends rendered
+    frames; a state bridge leaves the field out, so its hello is byte for byte as before."""
+    extra = {} if pixels is None else {"pixels": dict(pixels)}
     return encode(
         HELLO,
         {
@@ -256,6 +260,7 @@ def hello(
             "mode": mode,
             "rate_hz": float(rate_hz),
             "pid": pid,
+            **extra,
         },
     )
 

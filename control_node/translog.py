@@ -8,9 +8,20 @@ only when it is complete: it is written to a hidden temp file, fsynced, renamed 
 and the directory fsynced, so a crash loses at most the chunk that was still open and a reader
 never sees half a chunk. Appending to a log means adding chunks; existing files are never touched.
 
-Each chunk carries the log's :class:`LogSpec` and :data:`SCHEMA_VERSION` in its schema metadata,
-so ``pandas.read_parquet(chunk)`` reads it without this module, and :func:`read_logs` can refuse
-to mix robots. Nothing here imports torch (or pandas): this is the serving path.
+Each chunk carries the log's :class:`LogSpec` and its schema version in its schema metadata, so
+``pandas.read_parquet(chunk)`` reads it without this module, and :func:`read_logs` can refuse to
+mix robots. Nothing here imports torch (or pandas): this is the serving path.
+
+**Pixel logs** (a spec with ``pixels``, schema version 2) store each frame once. A stacked
+observation shares ``stack - 1`` frames with the one before it, and ``next_obs`` all but its
+newest frame with ``obs``; so a row holds ``frame``, the newest frame of ``next_obs``, and
+``obs``, the whole stack, only on the first row of a segment: a run of consecutive steps of one
+episode of one bridge session within one chunk (an episode's first logged step, the step after a
+gap, and the first row of each bridge in each chunk, so that every chunk decodes on its own: a
+lost or unreadable chunk costs only its rows, and any subset of chunks can be read). There is no
+``next_obs`` column. :func:`read_pixel_segments` rebuilds the stacks bit for bit; see
+``docs/transition_log.md`` for the layout and a pandas recipe. State logs (version 1) are written
+exactly as before.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +50,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
+"""The state layout: obs and next_obs on every row. Still what state logs are written as."""
+PIXEL_SCHEMA_VERSION = 2
+"""The pixel layout: a frame per row, the full stack where a segment starts (version-1 readers
+refuse these chunks rather than misread them)."""
 
 CHUNK_PREFIX = "chunk-"
 TMP_PREFIX = ".tmp-"
@@ -76,6 +91,9 @@ class LogSpec:
     obs_dtype: str  # a numpy dtype name: "float32" for state, "uint8" for pixels
     act_low: tuple[float, ...]
     act_high: tuple[float, ...]
+    pixels: str = ""
+    """Pixel logs: the pixel spec as JSON (size, stack, repeat, camera; normalised to sorted
+    keys); "" for the state layout."""
 
     def __post_init__(self) -> None:
         # Normalise (lists, numpy scalars, dtype objects) so that specs compare and serialise
@@ -103,6 +121,33 @@ class LogSpec:
         object.__setattr__(self, "obs_dtype", dtype.name)
         object.__setattr__(self, "act_low", low)
         object.__setattr__(self, "act_high", high)
+        if self.pixels:
+            object.__setattr__(self, "pixels", _check_pixels(self.pixels, shape, dtype))
+
+    @property
+    def pixel_spec(self) -> dict[str, Any] | None:
+        """The pixel spec (``PixelSpec.from_dict`` takes it); None for a state log."""
+        return json.loads(self.pixels) if self.pixels else None
+
+    @property
+    def stack(self) -> int:
+        """Frames per stacked observation (0 for a state log)."""
+        spec = self.pixel_spec
+        return int(spec["stack"]) if spec else 0
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """One frame, ``(3, size, size)``: the observation's channels split into ``stack``."""
+        c, h, w = self.obs_shape
+        return (c // self.stack, h, w)
+
+    @property
+    def frame_size(self) -> int:
+        return math.prod(self.frame_shape)
+
+    @property
+    def schema_version(self) -> int:
+        return PIXEL_SCHEMA_VERSION if self.pixels else SCHEMA_VERSION
 
     @property
     def act_dim(self) -> int:
@@ -117,20 +162,24 @@ class LogSpec:
         """The fields that differ, as 'name A != B' strings (empty when the specs match)."""
         return [
             f"{name} {getattr(self, name)!r} != {getattr(other, name)!r}"
-            for name in ("env_id", "obs_shape", "obs_dtype", "act_low", "act_high")
+            for name in ("env_id", "obs_shape", "obs_dtype", "act_low", "act_high", "pixels")
             if getattr(self, name) != getattr(other, name)
         ]
 
     def metadata(self) -> dict[str, str]:
         """The schema metadata of a chunk (values are JSON; no writer pid)."""
-        return {
-            _META + "schema_version": json.dumps(SCHEMA_VERSION),
+        meta = {
+            _META + "schema_version": json.dumps(self.schema_version),
             _META + "env_id": json.dumps(self.env_id),
             _META + "obs_shape": json.dumps(list(self.obs_shape)),
             _META + "obs_dtype": json.dumps(self.obs_dtype),
             _META + "act_low": json.dumps(list(self.act_low)),
             _META + "act_high": json.dumps(list(self.act_high)),
         }
+        if self.pixels:
+            meta[_META + "pixels"] = self.pixels  # already JSON: a JSON object
+            meta[_META + "frame_shape"] = json.dumps(list(self.frame_shape))
+        return meta
 
     @classmethod
     def from_metadata(cls, metadata: dict[bytes, bytes] | None) -> LogSpec:
@@ -140,16 +189,21 @@ class LogSpec:
             raise LogError("no ddpg.schema_version in its metadata: not a transition log chunk")
         try:
             version = json.loads(meta[_META + "schema_version"])
-            if version != SCHEMA_VERSION:
+            if version not in (SCHEMA_VERSION, PIXEL_SCHEMA_VERSION):
                 raise LogError(
-                    f"schema version {version}; this version of ddpg reads {SCHEMA_VERSION}"
+                    f"schema version {version}; this version of ddpg reads {SCHEMA_VERSION} "
+                    f"(state) and {PIXEL_SCHEMA_VERSION} (pixels)"
                 )
+            pixels = meta.get(_META + "pixels", "")
+            if (version == PIXEL_SCHEMA_VERSION) != bool(pixels):
+                raise LogError(f"schema version {version} with pixels = {pixels!r}")
             return cls(
                 env_id=json.loads(meta[_META + "env_id"]),
                 obs_shape=tuple(json.loads(meta[_META + "obs_shape"])),
                 obs_dtype=json.loads(meta[_META + "obs_dtype"]),
                 act_low=tuple(json.loads(meta[_META + "act_low"])),
                 act_high=tuple(json.loads(meta[_META + "act_high"])),
+                pixels=pixels,
             )
         except KeyError as e:
             raise LogError(f"metadata lacks {e.args[0]}") from e
@@ -167,16 +221,31 @@ class LogSpec:
         def req(name: str, typ: pa.DataType) -> pa.Field:
             return pa.field(name, typ, nullable=False)
 
+        obs, next_obs = req("obs", obs_type), req("next_obs", obs_type)
+        if self.pixels:  # raw bytes: Parquet stores them flat, 10x faster than lists of uint8
+            shape, frame = json.dumps(list(self.obs_shape)), json.dumps(list(self.frame_shape))
+            obs = pa.field(
+                "obs",
+                pa.large_binary(),
+                nullable=True,
+                metadata={"dtype": "uint8", "shape": shape, "doc": _OBS_DOC},
+            )
+            next_obs = pa.field(
+                "frame",
+                pa.binary(self.frame_size),
+                nullable=False,
+                metadata={"dtype": "uint8", "shape": frame, "doc": _FRAME_DOC},
+            )
         return pa.schema(
             [
                 req("bridge_id", pa.string()),
                 req("bridge_session", pa.string()),
                 req("episode", pa.int64()),
                 req("step", pa.int64()),
-                req("obs", obs_type),
+                obs,
                 req("action", act_type),
                 req("reward", pa.float64()),
-                req("next_obs", obs_type),
+                next_obs,
                 req("terminated", pa.bool_()),
                 req("truncated", pa.bool_()),
                 req("model_id", pa.string()),
@@ -193,6 +262,31 @@ class LogSpec:
         )
 
 
+_OBS_DOC = (
+    "stacked frames before this step, C-order uint8 (3*stack, H, W), oldest frame first; "
+    "only on the first row of a segment, null where the previous row's stack shifted by one "
+    "frame plus that row's frame rebuilds it"
+)
+_FRAME_DOC = "the newest frame after this step (of next_obs), C-order uint8 (3, H, W)"
+
+
+def _check_pixels(pixels: str, shape: tuple[int, ...], dtype: np.dtype) -> str:
+    """The pixel spec as sorted-key JSON, or LogError if it does not describe ``shape``."""
+    try:
+        spec = json.loads(pixels)
+        size, stack = spec["size"], spec["stack"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, stack)):
+            raise TypeError("size and stack must be integers")
+    except (TypeError, ValueError, KeyError) as e:
+        raise LogError(f"bad log spec: pixels {pixels!r} is not a pixel spec ({e})") from e
+    if dtype != np.uint8 or shape != (3 * stack, size, size):
+        raise LogError(
+            f"bad log spec: pixels {pixels} needs uint8 observations {(3 * stack, size, size)}, "
+            f"not {dtype} {shape}"
+        )
+    return json.dumps(spec, sort_keys=True)
+
+
 @dataclass(slots=True)
 class Transition:
     """One control step of one bridge, as the robot lived it."""
@@ -201,7 +295,7 @@ class Transition:
     bridge_session: str  # random hex per bridge process; (bridge_id, session, episode) = episode
     episode: int
     step: int  # index in its episode, 0-based: obs is at step, next_obs at step + 1
-    obs: np.ndarray  # obs_shape (or flattened), the log's obs dtype
+    obs: np.ndarray  # obs_shape (or flattened), the log's obs dtype (pixels: stored once, above)
     action: np.ndarray  # (act_dim,) float32: the action the robot actually applied
     reward: float
     next_obs: np.ndarray
@@ -295,10 +389,16 @@ def _lists(
 
 
 def _build_table(
-    rows: Sequence[Transition], logged_ns: Sequence[int], spec: LogSpec, schema: pa.Schema
+    rows: Sequence[Transition],
+    logged_ns: Sequence[int],
+    spec: LogSpec,
+    schema: pa.Schema,
+    carry: dict[tuple[str, str], _LastRow] | None = None,
 ) -> pa.Table:
     """Columnar conversion of a whole chunk: a transpose and a few numpy concatenations, no
-    Python loop over rows. Raises (TypeError, ValueError, ArrowException) on a malformed row."""
+    Python loop over rows (pixel logs: one, see :func:`_pixel_columns`; ``carry`` is its state
+    across the parts of one chunk). Raises (TypeError, ValueError, ArrowException) on a
+    malformed row."""
     n = len(rows)
     cols = list(zip(*map(_GET_ALL, rows), strict=True)) if n else [()] * len(_GET_ALL_NAMES)
     by_name = dict(zip(_GET_ALL_NAMES, cols, strict=True))
@@ -310,9 +410,14 @@ def _build_table(
             arrays[name] = _numeric(np.array(by_name[name], dtype=dtype), schema.field(name).type)
     obs_type = schema.field("obs").type
     act_type = schema.field("action").type
-    for name in ("obs", "next_obs"):
-        flat = _flat_column(by_name[name], spec.obs_size, np.dtype(spec.obs_dtype))
-        arrays[name] = _lists(flat, obs_type, n)
+    if spec.pixels:
+        arrays["obs"], arrays["frame"] = _pixel_columns(
+            by_name, spec, {} if carry is None else carry
+        )
+    else:
+        for name in ("obs", "next_obs"):
+            flat = _flat_column(by_name[name], spec.obs_size, np.dtype(spec.obs_dtype))
+            arrays[name] = _lists(flat, obs_type, n)
     flat = _flat_column(by_name["action"], spec.act_dim, np.dtype(np.float32))
     arrays["action"] = _lists(flat, act_type, n)
     shadow = by_name["shadow_action"]
@@ -331,6 +436,70 @@ def _build_table(
     arrays["shadow_action"] = _lists(values, act_type, n, absent)
     arrays["t_logged_ns"] = _numeric(np.asarray(logged_ns, dtype=np.int64), pa.int64())
     return pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
+
+
+class _LastRow(NamedTuple):
+    """The newest row of one bridge session in the open chunk, where its segment stands."""
+
+    episode: int
+    step: int
+    next_obs: Any  # the array object the row was given (the node hands the next row the same)
+    flat: np.ndarray  # its values, flat uint8
+
+
+def _pixel_values(a: Any, size: int) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype != np.uint8 or a.size != size:
+        raise ValueError(f"pixel observation is {a.dtype} {a.shape}; the log takes {size} uint8")
+    return a.reshape(-1)
+
+
+def _pixel_columns(
+    cols: dict[str, Sequence[Any]], spec: LogSpec, carry: dict[tuple[str, str], _LastRow]
+) -> tuple[pa.Array, pa.Array]:
+    """The ``obs`` and ``frame`` columns of a pixel chunk.
+
+    A row continues its bridge session's segment when the session's previous row in this chunk
+    is the step before in the same episode and its next_obs is this row's obs (the same array
+    from the node; compared by value otherwise): then obs is rebuilt from frames already stored
+    and stays null. Every row's next_obs must be its obs shifted by one frame, or the frame alone
+    would not rebuild it: such a row raises ValueError (the writer drops it, counted) rather
+    than being stored wrong. One Python pass: per row a few µs, against ~12 kB of frame."""
+    n, fs, size = len(cols["obs"]), spec.frame_size, spec.obs_size
+    frames = np.empty((n, fs), dtype=np.uint8)
+    present = np.zeros(n, dtype=bool)
+    stacks: list[np.ndarray] = []
+    last = dict(carry)  # committed to carry only when the whole part converts
+    keys = zip(
+        cols["bridge_id"], cols["bridge_session"], cols["episode"], cols["step"], strict=True
+    )
+    for i, (obs, nxt, (bridge, session, episode, step)) in enumerate(
+        zip(cols["obs"], cols["next_obs"], keys, strict=True)
+    ):
+        o, x = _pixel_values(obs, size), _pixel_values(nxt, size)
+        if not np.array_equal(o[fs:], x[:-fs]):
+            raise ValueError("pixel transition whose next_obs is not obs shifted by one frame")
+        frames[i] = x[-fs:]
+        prev = last.get((bridge, session))
+        if (
+            prev is None
+            or (prev.episode, prev.step) != (episode, step - 1)
+            or not (prev.next_obs is obs or np.array_equal(prev.flat, o))
+        ):
+            present[i] = True
+            stacks.append(o)
+        last[(bridge, session)] = _LastRow(episode, step, nxt, x)
+    carry.clear()
+    carry.update(last)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(present * np.int64(size), out=offsets[1:])
+    data = np.concatenate(stacks) if stacks else np.empty(0, dtype=np.uint8)
+    validity = None if present.all() else _bitmap(present)
+    obs_col = pa.Array.from_buffers(
+        pa.large_binary(), n, [validity, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
+    frame_col = pa.Array.from_buffers(pa.binary(fs), n, [None, pa.py_buffer(frames)])
+    return obs_col, frame_col
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -613,12 +782,13 @@ class TransitionLog:
         call, so bounded slices bound how long the control loop can wait for it.
         """
         parts = []
+        carry: dict[tuple[str, str], _LastRow] = {}  # pixel segments run across the parts
         for i in range(0, len(rows), _BUILD_ROWS):
             part, stamps = rows[i : i + _BUILD_ROWS], logged[i : i + _BUILD_ROWS]
             try:
-                parts.append(_build_table(part, stamps, self.spec, self._schema))
+                parts.append(_build_table(part, stamps, self.spec, self._schema, carry))
             except Exception:
-                parts.append(self._build_checked(part, stamps))
+                parts.append(self._build_checked(part, stamps, carry))
         table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
         if table.num_rows:
             self._backlog.append((table, opened_wall))
@@ -636,7 +806,12 @@ class TransitionLog:
             )
         self._write_backlog(force=False)
 
-    def _build_checked(self, rows: list[Transition], logged: list[int]) -> pa.Table:
+    def _build_checked(
+        self,
+        rows: list[Transition],
+        logged: list[int],
+        carry: dict[tuple[str, str], _LastRow],
+    ) -> pa.Table:
         """Slow path, only after the vectorised build failed: find and drop the malformed rows."""
         good_rows: list[Transition] = []
         good_logged: list[int] = []
@@ -658,7 +833,7 @@ class TransitionLog:
             self._dropped += bad
             self.last_error = f"dropped {bad} malformed transitions, e.g. {reason}"
         try:
-            return _build_table(good_rows, good_logged, self.spec, self._schema)
+            return _build_table(good_rows, good_logged, self.spec, self._schema, carry)
         except Exception as e:
             self._dropped += len(good_rows)
             self.last_error = f"dropped {len(good_rows)} transitions: {type(e).__name__}: {e}"
@@ -821,7 +996,14 @@ def _list_values(table: pa.Table, column: str, width: int) -> tuple[np.ndarray, 
 
 
 def obs_array(table: pa.Table, column: str, spec: LogSpec) -> np.ndarray:
-    """An observation column ("obs", "next_obs") as an (N, *obs_shape) array of the obs dtype."""
+    """An observation column ("obs", "next_obs") as an (N, *obs_shape) array of the obs dtype.
+    Pixel logs have no such columns (each frame is stored once): LogError pointing to
+    :func:`read_pixel_segments`."""
+    if spec.pixels:
+        raise LogError(
+            f"a pixel log stores each frame once, not {column!r} per row: rebuild the stacked "
+            "observations with read_pixel_segments (or PixelSegment.observations)"
+        )
     flat, _ = _list_values(table, column, spec.obs_size)
     return flat.astype(spec.obs_dtype, copy=False).reshape(-1, *spec.obs_shape)
 
@@ -834,6 +1016,171 @@ def action_array(table: pa.Table, column: str, spec: LogSpec) -> np.ndarray:
     if mask is not None:
         out[mask] = np.nan
     return out
+
+
+@dataclass
+class PixelSegment:
+    """A maximal run of consecutive steps of one episode of one bridge session, from a pixel
+    log: ``obs0`` and ``frames`` hold every stacked observation of the run, each frame once.
+
+    The observation before step ``first_step + i`` is the last ``stack`` frames of
+    ``obs0``'s frames followed by ``frames[:i]``; the one after it adds ``frames[i]``
+    (:meth:`observations` builds them all). A run ends at ``terminated``/``truncated`` or where
+    a step is missing. Arrays may be read-only views of the log's buffers.
+    """
+
+    bridge_id: str
+    session: str
+    episode: int
+    first_step: int
+    obs0: np.ndarray
+    """(3 * stack, H, W) uint8: the stacked observation before the first step, oldest first."""
+    frames: np.ndarray
+    """(T, 3, H, W) uint8: the newest frame after each step."""
+    action: np.ndarray
+    """(T, act_dim) float32: the action applied at each step."""
+    reward: np.ndarray
+    """(T,) float32."""
+    terminated: np.ndarray
+    """(T,) bool; only the last step can be true."""
+    truncated: np.ndarray
+    """(T,) bool; only the last step can be true."""
+    model_id: np.ndarray
+    """(T,) str objects: the model that chose each action ("" for the bridge's safe action)."""
+    safe: np.ndarray
+    """(T,) bool: the safe action was applied."""
+    stack: int
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def observations(self) -> np.ndarray:
+        """All ``T + 1`` stacked observations, ``(T + 1, 3 * stack, H, W)`` uint8: ``[i]`` is
+        the obs of step ``i``, ``[i + 1]`` its next_obs. A copy ``T + 1`` stacks large: for
+        checks and small logs; a replay buffer should keep ``frames`` once."""
+        c, h, w = self.frames.shape[1:] if len(self.frames) else (3, *self.obs0.shape[1:])
+        seq = np.concatenate([self.obs0.reshape(self.stack, c, h, w), self.frames])
+        windows = np.lib.stride_tricks.sliding_window_view(seq, self.stack, axis=0)
+        return np.moveaxis(windows, -1, 1).reshape(len(seq) - self.stack + 1, -1, h, w)
+
+
+def read_pixel_segments(
+    paths: Sequence[Path], warn: Callable[[str], None] | None = None
+) -> list[PixelSegment]:
+    """Every segment of the pixel log directories ``paths`` (read as :func:`read_logs` does),
+    ordered by bridge session (first seen first), episode and step; LogError for a state log.
+
+    Segments are joined across chunks where the steps are consecutive and the next chunk's stored
+    stack equals the rebuilt one, so a segment is maximal whatever the chunking."""
+    contents = read_logs(paths, warn)
+    if contents.spec is not None and not contents.spec.pixels:
+        raise LogError(
+            f"{', '.join(map(str, paths))}: a state log (obs {contents.spec.obs_shape} "
+            f"{contents.spec.obs_dtype}), not pixels: read it with read_logs and obs_array"
+        )
+    return pixel_segments(contents, warn)
+
+
+def pixel_segments(
+    contents: LogContents, warn: Callable[[str], None] | None = None
+) -> list[PixelSegment]:
+    """The segments of an already read pixel log (see :func:`read_pixel_segments`)."""
+    spec, t = contents.spec, contents.table
+    if spec is None or t.num_rows == 0:
+        return []
+    n, stack, fshape = t.num_rows, spec.stack, spec.frame_shape
+    codes = [
+        pc.dictionary_encode(t.column(c).combine_chunks()) for c in ("bridge_id", "bridge_session")
+    ]
+    bridge, session = (np.asarray(c.indices, dtype=np.int64) for c in codes)
+    episode, step = t.column("episode").to_numpy(), t.column("step").to_numpy()
+    terminated = t.column("terminated").to_numpy()
+    truncated = t.column("truncated").to_numpy()
+    obs_col = t.column("obs").combine_chunks()
+    has_obs = obs_col.is_valid().to_numpy(zero_copy_only=False)
+    frame_col = t.column("frame").combine_chunks()
+    flat = np.frombuffer(frame_col.buffers()[1], dtype=np.uint8)
+    frames = flat[frame_col.offset * spec.frame_size :][: n * spec.frame_size].reshape(n, *fshape)
+
+    order = np.lexsort((step, episode, session, bridge))  # stable: ties keep chunk order
+    b, s, e, st = bridge[order], session[order], episode[order], step[order]
+    ends = (terminated | truncated)[order]
+    follows = np.zeros(n, dtype=bool)
+    follows[1:] = (
+        (b[1:] == b[:-1]) & (s[1:] == s[:-1]) & (e[1:] == e[:-1]) & (st[1:] == st[:-1] + 1)
+    )
+    follows[1:] &= ~ends[:-1]
+    has = has_obs[order]
+
+    def stored(i: int) -> np.ndarray:  # the stack stored on table row i
+        return np.frombuffer(obs_col[i].as_buffer(), dtype=np.uint8).reshape(spec.obs_shape)
+
+    # A row with a stored stack that follows its predecessor (the first row of a chunk) joins
+    # the segment when that stack is the rebuilt one; the rows before it settle where it starts.
+    starts = ~follows
+    start_of = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    newest_start = 0
+    for p in np.flatnonzero(follows & has):
+        first = max(int(start_of[p - 1]), newest_start)
+        window = _rebuilt(
+            stored(int(order[first])) if has[first] else None, frames, order, first, p, stack
+        )
+        if window is None or not np.array_equal(
+            window.reshape(spec.obs_shape), stored(int(order[p]))
+        ):
+            starts[p] = True
+            newest_start = p
+
+    action = action_array(t, "action", spec)
+    reward = t.column("reward").to_numpy().astype(np.float32)
+    model_id = t.column("model_id").to_numpy(zero_copy_only=False)
+    safe = t.column("safe_action").to_numpy()
+    names = [c.dictionary.to_pylist() for c in codes]
+    bounds = [*np.flatnonzero(starts).tolist(), n]
+    segments: list[PixelSegment] = []
+    lost = 0
+    for lo, hi in itertools.pairwise(bounds):
+        rows = order[lo:hi]
+        first = int(rows[0])
+        if not has[lo]:  # its stack was in a chunk that is not here: cannot be rebuilt
+            lost += hi - lo
+            continue
+        contiguous = int(rows[-1]) - first == hi - lo - 1 and bool((np.diff(rows) == 1).all())
+        segments.append(
+            PixelSegment(
+                bridge_id=names[0][bridge[first]],
+                session=names[1][session[first]],
+                episode=int(episode[first]),
+                first_step=int(step[first]),
+                obs0=stored(first),
+                frames=frames[first : int(rows[-1]) + 1] if contiguous else frames[rows],
+                action=action[rows],
+                reward=reward[rows],
+                terminated=terminated[rows],
+                truncated=truncated[rows],
+                model_id=model_id[rows],
+                safe=safe[rows],
+                stack=stack,
+            )
+        )
+    if lost and warn is not None:
+        warn(
+            f"{lost} transitions skipped: the chunk holding their segment's first stack is missing"
+        )
+    return segments
+
+
+def _rebuilt(
+    obs0: np.ndarray | None, frames: np.ndarray, order: np.ndarray, first: int, p: int, stack: int
+) -> np.ndarray | None:
+    """The stacked next_obs of sorted row ``p - 1``, in the segment starting at sorted row
+    ``first`` with stored stack ``obs0`` (None when that stack is missing and it is needed)."""
+    newest = frames[order[max(first, p - stack) : p]]
+    if len(newest) == stack:
+        return newest
+    if obs0 is None:
+        return None
+    return np.concatenate([obs0.reshape(stack, *frames.shape[1:])[len(newest) :], newest])
 
 
 # -- summary -------------------------------------------------------------------------------------
@@ -900,6 +1247,23 @@ def _episodes(t: pa.Table) -> tuple[dict[str, list[float]], list[float], int]:
     return per_model, mixed, partial
 
 
+def _frame_counts(spec: LogSpec | None, t: pa.Table) -> dict[str, Any]:
+    """Pixel logs: the spec, frames stored (one per row, plus a stack where a segment starts)
+    and per transition (1 would be perfect; obs + next_obs per row would be 2 * stack)."""
+    if spec is None or not spec.pixels:
+        keys = ("pixels", "frame_bytes", "segment_starts", "frames_stored", "frames_per_transition")
+        return dict.fromkeys(keys)
+    stacks = t.num_rows - t.column("obs").null_count
+    frames = t.num_rows + spec.stack * stacks
+    return {
+        "pixels": spec.pixel_spec,
+        "frame_bytes": spec.frame_size,
+        "segment_starts": stacks,
+        "frames_stored": frames,
+        "frames_per_transition": frames / t.num_rows if t.num_rows else None,
+    }
+
+
 def summarize(contents: LogContents) -> dict[str, Any]:
     """A JSON-ready summary of a log: counts, episodes, and returns per model.
 
@@ -916,7 +1280,7 @@ def summarize(contents: LogContents) -> dict[str, Any]:
     spec = contents.spec
     out: dict[str, Any] = {
         "dirs": [str(d) for d in contents.dirs],
-        "schema_version": SCHEMA_VERSION if spec is not None else None,
+        "schema_version": spec.schema_version if spec is not None else None,
         "env_id": spec.env_id if spec else None,
         "obs_shape": list(spec.obs_shape) if spec else None,
         "obs_dtype": spec.obs_dtype if spec else None,
@@ -924,6 +1288,8 @@ def summarize(contents: LogContents) -> dict[str, Any]:
         "chunks": len(contents.chunks),
         "bytes": contents.bytes,
         "transitions": t.num_rows,
+        "bytes_per_transition": contents.bytes / t.num_rows if t.num_rows else None,
+        **_frame_counts(spec, t),
         "bridges": [],
         "bridge_sessions": 0,
         "episodes_completed": 0,

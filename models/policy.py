@@ -215,6 +215,30 @@ def pixel_spec_dict(meta: ActorMetadata) -> dict[str, Any] | None:
     return json.loads(meta.pixels) if meta.pixels else None
 
 
+PIXEL_KEYS = ("size", "stack", "repeat", "camera")
+
+
+def pixel_differences(
+    ours: Mapping[str, Any] | None, theirs: Mapping[str, Any] | None
+) -> list[str]:
+    """What differs between two pixel specs (dicts as ``PixelSpec.to_dict`` writes them; None
+    for state observations), as 'key A != B' strings; empty when they match. A missing
+    ``camera`` is the default camera (None)."""
+    if ours is None or theirs is None:
+        if ours is None and theirs is None:
+            return []
+        return [f"pixels {_describe_pixels(ours)} != {_describe_pixels(theirs)}"]
+    keys = [*PIXEL_KEYS, *sorted(set(ours) - set(PIXEL_KEYS), key=str)]
+    keys += sorted(set(theirs) - set(keys), key=str)
+    return [
+        f"{k} {ours.get(k)!r} != {theirs.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)
+    ]
+
+
+def _describe_pixels(spec: Mapping[str, Any] | None) -> str:
+    return "none (state observations)" if spec is None else json.dumps(dict(spec))
+
+
 def _pixel_problems(pixels: str, obs_shape: tuple[int, ...]) -> list[str]:
     """A uint8 model must name its pixel spec, and the spec must give its observation shape."""
     if not pixels:
@@ -305,10 +329,27 @@ def _check_io(session: ort.InferenceSession, meta: ActorMetadata, source: str) -
 
 
 def check_expected(meta: ActorMetadata, expect: SpecLike, source: str) -> None:
-    """Refuse a model exported for another environment (id, observation shape, action bounds)."""
+    """Refuse a model exported for another environment (id, observation shape, action bounds).
+
+    ``expect`` may also say ``obs_dtype`` and ``pixels`` (the pixel spec dict, None for state
+    observations), as a bridge's hello and a live model do; then those must match too: two
+    pixel specs of one shape (another action repeat or camera) are different robots."""
     if meta.env_id != expect.env_id:
         raise PolicyError(
             f"{source}: model was exported for env {meta.env_id!r}, not {expect.env_id!r}"
+        )
+    dtype = getattr(expect, "obs_dtype", None)
+    if dtype is not None and dtype != meta.obs_dtype:
+        raise PolicyError(
+            f"{source}: model observations are {meta.obs_dtype}, env {expect.env_id!r} sends "
+            f"{dtype}"
+        )
+    if hasattr(expect, "pixels") and (
+        diff := pixel_differences(pixel_spec_dict(meta), expect.pixels)
+    ):
+        raise PolicyError(
+            f"{source}: model pixel spec differs from the one expected for env "
+            f"{expect.env_id!r}: {'; '.join(diff)} (model vs expected)"
         )
     if tuple(meta.obs_shape) != tuple(expect.obs_shape):
         raise PolicyError(

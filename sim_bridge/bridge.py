@@ -9,6 +9,10 @@ number of the action it applied, and that action itself, so the node logs what r
 ``lockstep``: it sends an observation and waits for the action that answers it, so evaluation
 runs as fast as the node answers and reproduces ``ddpg eval`` exactly on the same seeds.
 
+With ``pixels`` the robot's observation is rendered frames (``sim_bridge.pixels``, the trainer's
+own pipeline): uint8 ``(3 * stack, size, size)``, oldest frame first, sent as raw bytes; one
+bridge step is ``repeat`` physics steps, and ``rate_hz`` counts bridge steps.
+
 Episode ``i`` resets with ``seed + i``. If the node stops (it says bye) or forgets the bridge
 (it restarted), the bridge says hello again until a node welcomes it; a realtime bridge keeps
 simulating with the safe action meanwhile, as a robot would.
@@ -28,6 +32,7 @@ import zmq
 from control_node import protocol as P
 from control_node.config import BridgeConfig
 from sim_bridge.envs import env_spec, make_env
+from sim_bridge.pixels import PixelSpec, make_pixel_env
 
 HELLO_RETRY_S = 0.25
 HELLO_FAST_RETRY_S = 0.01
@@ -62,8 +67,13 @@ class Bridge:
         kwargs: dict[str, Any] = {}
         if cfg.max_episode_steps:
             kwargs["max_episode_steps"] = cfg.max_episode_steps
-        self.env = make_env(cfg.env, **kwargs)
+        self.pixels = None if cfg.pixels is None else PixelSpec(**cfg.pixels.to_dict())
+        if self.pixels is None:
+            self.env = make_env(cfg.env, **kwargs)
+        else:  # uint8 stacked frames, sent as they are: no float conversion, no copy
+            self.env = make_pixel_env(cfg.env, self.pixels, **kwargs)
         self.spec = env_spec(cfg.env, self.env)
+        self.obs_dtype = np.dtype(np.float32 if self.pixels is None else np.uint8)
         self.session = os.urandom(8).hex()
         self.safe_action = np.clip(np.zeros(self.spec.act_dim, np.float32), *self._bounds())
         self.ctx = zmq.Context()
@@ -123,12 +133,13 @@ class Bridge:
                 self.session,
                 self.cfg.env,
                 self.spec.obs_shape,
-                "float32",
+                self.obs_dtype.name,
                 low,
                 high,
                 self.cfg.mode,
                 self.cfg.rate_hz if self.cfg.mode == "realtime" else 0.0,
                 os.getpid(),
+                None if self.pixels is None else self.pixels.to_dict(),
             )
         )
         if not sent:
@@ -228,7 +239,7 @@ class Bridge:
         applied: tuple[int, bool, np.ndarray] | None,
         t_obs: int,
     ) -> None:
-        arrays = {"obs": np.asarray(obs, dtype=np.float32)}
+        arrays = {"obs": np.asarray(obs, dtype=self.obs_dtype)}
         seq, safe = -1, False
         if applied is not None:
             seq, safe, action = applied

@@ -13,21 +13,49 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from control_node.config import BridgeConfig, ConfigError, field_docs, from_mapping
+from control_node.config import BridgeConfig, ConfigError, PixelConfig, field_docs, from_mapping
 
 EXAMPLES = """\
 examples:
   ddpg bridge --env InvertedPendulum-v5 --mode realtime --rate-hz 100
   ddpg bridge --env InvertedPendulum-v5 --mode lockstep --episodes 10 --seed 10000 --json
+  ddpg bridge --env InvertedPendulum-v5 --pixels --pixel-size 64 --frame-stack 3 --action-repeat 3
 """
 LAUNCH_ONLY = ("restart", "max_restarts")
+NOT_FLAGS = (*LAUNCH_ONLY, "pixels")  # pixels has flags of its own, one per PixelConfig field
+PIXEL_FLAGS = {
+    "size": "--pixel-size",
+    "stack": "--frame-stack",
+    "repeat": "--action-repeat",
+    "camera": "--camera",
+}
+
+
+def pixel_flags(pixels: PixelConfig | None) -> list[str]:
+    """A bridge's pixel spec as ``ddpg bridge`` flags (the launcher starts bridges with them)."""
+    if pixels is None:
+        return []
+    out = ["--pixels"]
+    for name, flag in PIXEL_FLAGS.items():
+        value = getattr(pixels, name)
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def _camera(text: str) -> str | int:
+    """A camera id when the text is an integer (-1 is the free camera), else a camera name."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     docs = field_docs(BridgeConfig)
     for f in fields(BridgeConfig):
-        if f.name in LAUNCH_ONLY:
+        if f.name in NOT_FLAGS:
             continue
         kind = {float: float, int: int}.get(type(f.default), str)  # type: ignore[arg-type]
         parser.add_argument(
@@ -36,6 +64,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default=None,
             metavar=f.name.upper(),
             help=f"{docs[f.name]} (default: {f.default})",
+        )
+    parser.add_argument(
+        "--pixels",
+        action="store_true",
+        help="observe rendered frames instead of the state: uint8 (3 * stack, size, size), "
+        "oldest frame first; the model must have been trained on the same spec",
+    )
+    pixel_docs = field_docs(PixelConfig)
+    for f in fields(PixelConfig):
+        parser.add_argument(
+            PIXEL_FLAGS[f.name],
+            dest=f"pixel_{f.name}",
+            type=_camera if f.name == "camera" else int,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{pixel_docs[f.name]} Implies --pixels. (default: {f.default})",
         )
     parser.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -48,8 +92,15 @@ def run(args: argparse.Namespace) -> int:
     values: dict[str, Any] = {
         f.name: getattr(args, f.name)
         for f in fields(BridgeConfig)
-        if f.name not in LAUNCH_ONLY and getattr(args, f.name) is not None
+        if f.name not in NOT_FLAGS and getattr(args, f.name) is not None
     }
+    pixels = {
+        f.name: getattr(args, f"pixel_{f.name}")
+        for f in fields(PixelConfig)
+        if getattr(args, f"pixel_{f.name}") is not None
+    }
+    if args.pixels or pixels:
+        values["pixels"] = pixels
     try:
         bridge = Bridge(from_mapping(BridgeConfig, values, "bridge"))
     except (ConfigError, EnvError) as e:
@@ -59,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: bridge.request_stop())
     try:
         summary = bridge.run(args.duration)
-    except BridgeError as e:
+    except (BridgeError, EnvError) as e:  # EnvError: off-screen rendering failed at the reset
         print(f"ddpg bridge: error: {e}", file=sys.stderr)
         return 1
     finally:

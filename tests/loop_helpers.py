@@ -118,6 +118,19 @@ def stop_bridge(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return json.loads(out)
 
 
+def run_launch(launch: Path, *args: str, timeout: float = 120) -> dict[str, Any]:
+    """Run ``ddpg launch`` to its end; its JSON summary (fails with its stderr if it failed)."""
+    done = subprocess.run(
+        [*DDPG, "launch", str(launch), *args, "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 class RawBridge:
     """A DEALER socket speaking the protocol by hand, to send exactly the bytes a test needs."""
 
