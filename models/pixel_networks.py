@@ -45,8 +45,14 @@ class PixelEncoder(nn.Module):
     """``(B, C, H, W)`` uint8 or float in 0..255 -> ``(B, feature_dim)`` float features."""
 
     def __init__(
-        self, obs_shape: Sequence[int] = (9, 64, 64), strides: Sequence[int] = CONV_STRIDES
+        self,
+        obs_shape: Sequence[int] = (9, 64, 64),
+        strides: Sequence[int] = CONV_STRIDES,
+        feature_dim: int = 0,
     ) -> None:
+        """``feature_dim`` > 0 adds DrQ-v2's projection: Linear to that many features, LayerNorm,
+        tanh. Bounded, few features keep the critic's action input from drowning among 1,568
+        unnormalised ones and keep the actor's pre-tanh output in range."""
         super().__init__()
         self.obs_shape = _check_obs_shape(obs_shape)
         if len(strides) != 3 or min(strides) < 1:
@@ -60,6 +66,14 @@ class PixelEncoder(nn.Module):
             channels, h, w = CONV_FILTERS, (h - 3) // stride + 1, (w - 3) // stride + 1
         self.convs = channels_last(nn.Sequential(*layers))
         self.feature_dim = channels * h * w
+        self.project: nn.Module = nn.Identity()
+        if feature_dim < 0:
+            raise ValueError(f"feature_dim must be >= 0, got {feature_dim}")
+        if feature_dim:
+            self.project = nn.Sequential(
+                nn.Linear(self.feature_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh()
+            )
+            self.feature_dim = feature_dim
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         # Cast to the weights' dtype (not always float32) so a float64 copy, the export's parity
@@ -70,7 +84,7 @@ class PixelEncoder(nn.Module):
         # bytes), and the cast always copies, so dividing in place never touches the caller's.
         x = obs.contiguous(memory_format=torch.channels_last)
         x = x.to(self.convs[0].weight.dtype, copy=True).div_(255.0)
-        return self.convs(x).flatten(1)
+        return self.project(self.convs(x).flatten(1))
 
 
 class PixelActor(nn.Module):
@@ -90,6 +104,7 @@ class PixelActor(nn.Module):
         hidden: Sequence[int] = PAPER_HIDDEN,
         final_init: float | None = PAPER_FINAL_INIT,
         strides: Sequence[int] = CONV_STRIDES,
+        feature_dim: int = 0,
     ) -> None:
         super().__init__()
         low = torch.as_tensor(act_low, dtype=torch.float32)
@@ -100,7 +115,7 @@ class PixelActor(nn.Module):
             )
         if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
             raise ValueError("action bounds must be finite for a tanh policy")
-        self.encoder = PixelEncoder(obs_shape, strides)
+        self.encoder = PixelEncoder(obs_shape, strides, feature_dim)
         self.obs_shape = self.encoder.obs_shape
         self.act_dim = int(low.numel())
         self.register_buffer("action_scale", (high - low) / 2.0)
@@ -141,9 +156,10 @@ class PixelCritic(nn.Module):
         action_layer: int = 1,
         final_init: float | None = PAPER_FINAL_INIT,
         strides: Sequence[int] = CONV_STRIDES,
+        feature_dim: int = 0,
     ) -> None:
         super().__init__()
-        self.encoder = PixelEncoder(obs_shape, strides)
+        self.encoder = PixelEncoder(obs_shape, strides, feature_dim)
         self.obs_shape = self.encoder.obs_shape
         self.n_q = n_q
         self.q = Critic(

@@ -231,6 +231,8 @@ class PixelObservation(gym.Wrapper[np.ndarray, np.ndarray, Any, np.ndarray]):
                 rgb = self.env.render()
             except Exception as e:  # the first render creates the GL context
                 raise EnvError(_gl_message(self._env_id, e)) from None
+            if _fix_free_camera(self.env):
+                rgb = self.env.render()
             self._resize = _resize_indices(self._env_id, rgb, self.pixel_spec.size)
             self._rendered = True
         else:
@@ -239,6 +241,29 @@ class PixelObservation(gym.Wrapper[np.ndarray, np.ndarray, Any, np.ndarray]):
             rows, cols = self._resize
             rgb = rgb[rows[:, None], cols]  # nearest neighbour: cheap, stays uint8
         return np.asarray(rgb).transpose(2, 0, 1)
+
+
+def _fix_free_camera(env: gym.Env) -> bool:
+    """Aim Gymnasium's free camera where it would look from the model's reference pose.
+
+    Gymnasium points the free camera at the median of the bodies' positions in the state the
+    first render happens to see, so two environments whose first episodes differ (training,
+    evaluation and the bridge use other seeds) would film from slightly different places: a
+    policy must see the same pixels for the same state. Returns whether it re-aimed.
+    """
+    import mujoco
+
+    unwrapped = env.unwrapped
+    renderer = getattr(unwrapped, "mujoco_renderer", None)
+    viewer = getattr(renderer, "viewer", None)
+    cam = getattr(viewer, "cam", None)
+    if cam is None or cam.type != mujoco.mjtCamera.mjCAMERA_FREE:
+        return False
+    model = unwrapped.model
+    data = mujoco.MjData(model)  # qpos0: the same pose whatever the episode
+    mujoco.mj_forward(model, data)
+    cam.lookat[:] = np.median(data.geom_xpos, axis=0)
+    return True
 
 
 def _gl_message(env_id: str, e: BaseException) -> str:

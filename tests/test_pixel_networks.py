@@ -176,3 +176,13 @@ def test_serves_real_frames(exported: tuple[PixelActor, ExportReport]) -> None:
             obs, *_ = env.step(action)
     finally:
         env.close()
+
+
+def test_drq_projection_bounds_few_features() -> None:
+    enc = PixelEncoder((9, 64, 64), feature_dim=50)
+    assert enc.feature_dim == 50
+    out = enc(torch.randint(0, 256, (4, 9, 64, 64), dtype=torch.uint8))
+    assert out.shape == (4, 50) and out.abs().max() <= 1.0  # LayerNorm then tanh
+    critic = PixelCritic((9, 64, 64), 2, n_q=2, action_layer=0, feature_dim=50)
+    # the action joins 50 features, not 1,568: it cannot drown among them
+    assert critic.q.layers[0].weight.shape[1] == 52

@@ -35,7 +35,7 @@ def build_networks(
     if cfg.pixels:
         shape = tuple(obs_shape) if not isinstance(obs_shape, int) else (obs_shape,)
         actor: Actor | PixelActor = PixelActor(
-            shape, act_low, act_high, cfg.actor_hidden, final, cfg.conv_strides
+            shape, act_low, act_high, cfg.actor_hidden, final, cfg.conv_strides, cfg.pixel_features
         )
         critic: Critic | PixelCritic = PixelCritic(
             shape,
@@ -45,6 +45,7 @@ def build_networks(
             action_layer=cfg.critic_action_layer,
             final_init=final,
             strides=cfg.conv_strides,
+            feature_dim=cfg.pixel_features,
         )
         return actor, critic
     obs_dim = obs_shape if isinstance(obs_shape, int) else int(np.prod(obs_shape))

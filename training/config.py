@@ -113,6 +113,9 @@ class TrainConfig:
     conv_strides: tuple[int, ...] = (2, 2, 2)
     """Pixels only: strides of the 3 convolutions (the paper gives none; DrQ-v2 uses 2,1,1,
     about 4x the compute and a 19 MB actor at 64x64)."""
+    pixel_features: int = 0
+    """Pixels only: project the flattened convolutions to N features with LayerNorm and tanh
+    (DrQ-v2: 50); 0 feeds all of them to the dense layers (paper)."""
     augment_pad: int = 0
     """Pixels only: random shift augmentation (DrQ): pad by N pixels and crop back at a random
     offset, per sample, for obs and next_obs; 0 turns it off."""
@@ -185,6 +188,7 @@ class TrainConfig:
             ),
             ("augment_pad", 0 <= self.augment_pad < self.pixel_size // 2, "must be in [0, size/2)"),
             ("augment_pad", self.pixels or self.augment_pad == 0, "needs --pixels"),
+            ("pixel_features", self.pixel_features >= 0, "must be >= 0"),
             ("n_step", 1 <= self.n_step <= 100, "must be in 1..100"),
             ("n_step", self.pixels or self.n_step == 1, "needs --pixels"),
             ("noise_decay_steps", self.noise_decay_steps >= 0, "must be >= 0"),
@@ -271,6 +275,7 @@ PIXEL_PRESETS: dict[str, dict[str, Any]] = {
         "noise_sigma": 0.5,
         "noise_sigma_final": 0.1,
         "noise_decay_steps": 20_000,
+        "pixel_features": 50,
         "augment_pad": 4,
         "n_step": 3,
         "update_every": 2,
