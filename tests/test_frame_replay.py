@@ -435,3 +435,28 @@ def test_n_step_returns_stop_at_episode_ends_and_gaps(n_step: int) -> None:
     drawn = buf.sample(64, torch.Generator().manual_seed(3), n_step=n_step, gamma=gamma)
     assert drawn.obs.shape == (64, 9, *SHAPE[1:])
     assert (drawn.discount is None) == (n_step == 1)
+
+
+def test_add_segment_rebuilds_runs_that_start_mid_episode() -> None:
+    """Logged runs start at any stacked observation (mid-episode, after a gap): each episode
+    goes in as two segments split at a random step, and every transition equals the naive one;
+    the ring wraps, so old segments are evicted whole or in part along the way."""
+    buf = FrameReplay(30, SHAPE, 3, act_dim=ACT_DIM)
+    naive, source = Naive(3), Source()
+    rng = np.random.default_rng(4)
+    for i in range(25):
+        length = int(rng.integers(1, 9))
+        ep = source.episode(length, ["terminated", "truncated", None][i % 3])
+        first = len(naive)
+        naive.reset(ep.frames[0], ep.states[0])
+        for k in range(length):
+            ends = (bool(ep.terminated[k]), bool(ep.truncated[k]))
+            naive.step(ep.action[k], ep.frames[k + 1], *ends, ep.states[k + 1])
+        cut = int(rng.integers(0, length + 1))
+        for lo, hi in ((0, cut), (cut, length)):
+            obs0 = naive.obs[first + lo] if lo < length else naive.next_obs[first + length - 1]
+            columns = (ep.action, ep.reward, ep.terminated, ep.truncated)
+            buf.add_segment(obs0, ep.frames[lo + 1 : hi + 1], *(c[lo:hi] for c in columns))
+        assert_live_suffix(buf, naive)
+    with pytest.raises(ValueError, match="obs0 must be"):
+        buf.add_segment(np.zeros((3, 6, 5), np.uint8), ep.frames[:0], *(c[:0] for c in columns))

@@ -335,6 +335,55 @@ class FrameReplay:
         t = len(reward)
         if len(frames) != t + 1:
             raise ValueError(f"an episode of {t} steps has {t + 1} frames, got {len(frames)}")
+        st = self.stack
+        steps = np.arange(t)
+        # Frames of each step relative to the episode: the obs stack (clamped to the reset
+        # frame, 0) and the frame after the step.
+        cols = np.maximum(steps[:, None] + np.arange(1 - st, 1), 0)
+        cols = np.concatenate([cols, steps[:, None] + 1], axis=1)
+        start = np.zeros(st, dtype=np.int64)  # the stack if there are no steps: the reset frame
+        self._append(frames, cols, start, action, reward, terminated, truncated, states)
+
+    def add_segment(
+        self,
+        obs0: np.ndarray | torch.Tensor,
+        frames: np.ndarray | torch.Tensor,
+        action: np.ndarray | torch.Tensor,
+        reward: np.ndarray | torch.Tensor,
+        terminated: np.ndarray | torch.Tensor,
+        truncated: np.ndarray | torch.Tensor,
+    ) -> None:
+        """Append consecutive steps that start from any stacked observation ``obs0``
+        ``(3 * stack, H, W)`` (a logged run that starts mid-episode or after a gap), with
+        ``frames`` ``(T, 3, H, W)`` the frame after each step. ``obs0``'s frames are stored
+        once each (a reset stack repeats its frame: ``stack - 1`` spare frames per segment)."""
+        if self.states is not None:
+            raise ValueError("add_segment has no states; this buffer stores one per frame")
+        st = self.stack
+        obs0_t = torch.as_tensor(np.asarray(obs0) if not torch.is_tensor(obs0) else obs0)
+        if tuple(obs0_t.shape) != self.obs_shape:
+            raise ValueError(f"obs0 must be {self.obs_shape}, got {tuple(obs0_t.shape)}")
+        frames_t = torch.as_tensor(np.asarray(frames) if not torch.is_tensor(frames) else frames)
+        seq = torch.cat([obs0_t.reshape(st, *self.frame_shape), frames_t.to(obs0_t.dtype)])
+        t = len(reward)
+        cols = np.arange(t)[:, None] + np.arange(st + 1)
+        self._append(seq, cols, np.arange(st), action, reward, terminated, truncated, None)
+
+    def _append(
+        self,
+        frames: np.ndarray | torch.Tensor,
+        cols: np.ndarray,
+        start: np.ndarray,
+        action: np.ndarray | torch.Tensor,
+        reward: np.ndarray | torch.Tensor,
+        terminated: np.ndarray | torch.Tensor,
+        truncated: np.ndarray | torch.Tensor,
+        states: np.ndarray | torch.Tensor | None,
+    ) -> None:
+        """Write ``frames`` as the next frame numbers and ``len(reward)`` transitions whose
+        ``stack + 1`` frames are ``cols`` (relative to the first of ``frames``, rising row by
+        row); ``start`` is the current stack afterwards when there are no steps."""
+        t = len(reward)
         for name, col in (("action", action), ("terminated", terminated), ("truncated", truncated)):
             if len(col) != t:
                 raise ValueError(f"column {name} has {len(col)} rows, reward has {t}")
@@ -343,28 +392,23 @@ class FrameReplay:
         frames_t = torch.as_tensor(np.asarray(frames) if not torch.is_tensor(frames) else frames)
         if frames_t.dtype != torch.uint8 or tuple(frames_t.shape[1:]) != self.frame_shape:
             raise ValueError(
-                f"expected uint8 frames of shape (T + 1, *{self.frame_shape}), "
+                f"expected uint8 frames of shape (N, *{self.frame_shape}), "
                 f"got {frames_t.dtype} {tuple(frames_t.shape)}"
             )
-        s, fcap, cap = self.stack, self.frame_capacity, self.capacity
-        n0 = self.frames_written
-        steps = np.arange(t)
-        # Frames of each step relative to the episode: the obs stack (clamped to the reset
-        # frame, 0) and the frame after the step.
-        cols = np.maximum(steps[:, None] + np.arange(1 - s, 1), 0)
-        cols = np.concatenate([cols, steps[:, None] + 1], axis=1)
-        # An episode longer than the frame ring overwrites its own first frames.
-        first_frame = max(0, t + 1 - fcap)
+        fcap, cap = self.frame_capacity, self.capacity
+        n0, n_frames = self.frames_written, len(frames_t)
+        # A run longer than the frame ring overwrites its own first frames.
+        first_frame = max(0, n_frames - fcap)
         first_step = max(int(np.searchsorted(cols[:, 0], first_frame)), t - cap)
-        self._evict_frames_upto(n0 + t - fcap)
+        self._evict_frames_upto(n0 + n_frames - 1 - fcap)
         dev = self.device
-        absolute = torch.arange(n0 + first_frame, n0 + t + 1)
+        absolute = torch.arange(n0 + first_frame, n0 + n_frames)
         slots = (absolute % fcap).to(dev)
         self.frames[slots] = frames_t[first_frame:].to(dev)
         if self.states is not None:
             states_t = torch.as_tensor(np.asarray(states), dtype=torch.float32)
             self.states[slots] = states_t[first_frame:].to(dev)
-        self.frames_written = n0 + t + 1
+        self.frames_written = n0 + n_frames
 
         m = t - first_step
         if self.size + m > cap:
@@ -385,7 +429,12 @@ class FrameReplay:
         self._oldest[rows_np] = kept[:, 0]
         self.size += m
         ended = t > 0 and bool(np.asarray(terminated)[-1] or np.asarray(truncated)[-1])
-        self._stack = None if ended else ([n0] * s if t == 0 else [int(c) for c in kept[-1, 1:]])
+        if ended:
+            self._stack = None
+        elif t == 0:
+            self._stack = [n0 + int(c) for c in start]
+        else:
+            self._stack = [int(c) for c in kept[-1, 1:]]
 
     # -- reading ------------------------------------------------------------------------------
     def gather(self, rows: torch.Tensor) -> FrameBatch:

@@ -19,6 +19,7 @@ the discounted returns the robot actually collected, over every episode the log 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,10 +32,20 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from control_node.translog import LogError, LogSpec, action_array, obs_array, read_logs
+from control_node.translog import (
+    LogContents,
+    LogError,
+    LogSpec,
+    PixelSegment,
+    action_array,
+    obs_array,
+    pixel_segments,
+    read_logs,
+)
 from sim_bridge.envs import EnvError, EnvSpec, env_spec, make_env
 from training.agent import DDPGAgent
 from training.config import ConfigError, TrainConfig, load_config, make_config
+from training.frame_replay import FrameReplay
 from training.metrics import finite_or_none
 from training.replay import Batch
 from training.trainer import Trainer, eval_seed, read_checkpoint
@@ -49,8 +60,16 @@ FIXED_BY_INIT = (
     "batch_norm",
     "final_init",
     "twin_q",
+    "pixels",
+    "pixel_size",
+    "frame_stack",
+    "action_repeat",
+    "camera",
+    "conv_strides",
+    "pixel_features",
 )
 CRITIC_LOSS_ROWS = 10_000  # fixed replay sample the start/end critic loss is measured on
+PIXEL_LOSS_ROWS = 1_000  # the same from pixels: two 36 KB stacks a row
 Q_CHUNK = 65_536  # rows per critic forward pass when scoring Q against returns
 REPLAY_COLUMNS = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
 
@@ -104,12 +123,44 @@ class LoggedTransitions:
         }
 
 
-def load_transitions(
+@dataclass
+class PixelLog:
+    """A pixel log as runs of consecutive steps, each frame once (the frame replay's input)."""
+
+    spec: LogSpec
+    segments: list[PixelSegment]
+    rows: int  # logged transitions, kept or not
+    dropped: int  # rows of runs cut at a non-finite action or reward
+    chunks: int = 0
+    leftovers: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    @property
+    def kept(self) -> int:
+        return sum(len(seg) for seg in self.segments)
+
+    @property
+    def frames_needed(self) -> int:
+        """Frames the replay writes for these runs: each run's first stack, then a frame a
+        step."""
+        return sum(len(seg) + seg.stack for seg in self.segments)
+
+    @property
+    def episode_ends(self) -> int:
+        return sum(
+            int(seg.terminated[-1] or seg.truncated[-1]) for seg in self.segments if len(seg)
+        )
+
+
+def load_logs(
     dirs: Sequence[Path], warn: Callable[[str], None] | None = None
-) -> LoggedTransitions:
+) -> LoggedTransitions | PixelLog:
     """Read every committed chunk of ``dirs`` (a crashed writer's temp files and unreadable
-    chunks are passed to ``warn`` and skipped). An empty log, logs of different robots and
-    pixel logs raise :class:`RetrainError`."""
+    chunks are passed to ``warn`` and skipped): state logs as rows, pixel logs as runs. An empty
+    log or logs of different robots raise :class:`RetrainError`."""
     try:
         contents = read_logs(dirs, warn=warn)
     except LogError as e:
@@ -120,10 +171,60 @@ def load_transitions(
         skipped = len(contents.leftovers) + len(contents.unreadable)
         extra = f" ({skipped} temp or unreadable file(s) skipped)" if skipped else ""
         raise RetrainError(f"no committed transitions in {where}{extra}: nothing to retrain from")
+    if spec.pixels:
+        try:
+            runs = pixel_segments(contents, warn)
+        except LogError as e:
+            raise RetrainError(str(e)) from None
+        segments: list[PixelSegment] = []
+        for seg in runs:  # a non-finite action or reward ends a run where it stands
+            ok = np.isfinite(seg.action).all(axis=1) & np.isfinite(seg.reward)
+            bad = np.flatnonzero(~ok)
+            segments.append(seg if not len(bad) else _cut(seg, int(bad[0])))
+        return PixelLog(
+            spec=spec,
+            segments=[seg for seg in segments if len(seg)],
+            rows=table.num_rows,
+            dropped=table.num_rows - sum(len(seg) for seg in segments),
+            chunks=len(contents.chunks),
+            leftovers=[str(p) for p in contents.leftovers],
+            unreadable=[f"{p}: {why}" for p, why in contents.unreadable],
+        )
+    return _state_transitions(contents, spec, where)
+
+
+def _cut(seg: PixelSegment, steps: int) -> PixelSegment:
+    """The first ``steps`` steps of ``seg``."""
+    return dataclasses.replace(
+        seg,
+        frames=seg.frames[:steps],
+        action=seg.action[:steps],
+        reward=seg.reward[:steps],
+        terminated=seg.terminated[:steps],
+        truncated=seg.truncated[:steps],
+        model_id=seg.model_id[:steps],
+        safe=seg.safe[:steps],
+    )
+
+
+def load_transitions(
+    dirs: Sequence[Path], warn: Callable[[str], None] | None = None
+) -> LoggedTransitions:
+    """:func:`load_logs` for state logs; a pixel log raises :class:`RetrainError`."""
+    data = load_logs(dirs, warn)
+    if isinstance(data, PixelLog):
+        raise RetrainError(
+            f"{', '.join(map(str, dirs))}: a pixel log; read it with load_logs (frames once)"
+        )
+    return data
+
+
+def _state_transitions(contents: LogContents, spec: LogSpec, where: str) -> LoggedTransitions:
+    table = contents.table
     if len(spec.obs_shape) != 1 or np.dtype(spec.obs_dtype).kind != "f":
         raise RetrainError(
-            f"{where}: observations are {spec.obs_dtype} {spec.obs_shape} (pixels?); retrain "
-            "learns from flat float state vectors"
+            f"{where}: observations are {spec.obs_dtype} {spec.obs_shape}; retrain learns from "
+            "flat float state vectors or from pixel logs"
         )
     obs = obs_array(table, "obs", spec).astype(np.float32, copy=False)
     next_obs = obs_array(table, "next_obs", spec).astype(np.float32, copy=False)
@@ -167,12 +268,18 @@ def load_transitions(
     )
 
 
-def check_spec(log: LogSpec, env: EnvSpec, against: str) -> None:
-    """Refuse logs of another robot than ``env``: env id, observation shape, action bounds."""
+def check_spec(
+    log: LogSpec, env: EnvSpec, against: str, pixels: dict[str, Any] | None = None
+) -> None:
+    """Refuse logs of another robot than ``env``: env id, observation shape (or the pixel
+    spec ``pixels`` the run sees through), action bounds."""
     diff = []
     if log.env_id != env.env_id:
         diff.append(f"env {log.env_id!r} != {env.env_id!r}")
-    if tuple(log.obs_shape) != tuple(env.obs_shape):
+    if pixels is not None or log.pixel_spec is not None:
+        if log.pixel_spec != pixels:
+            diff.append(f"pixels {log.pixel_spec} != {pixels}")
+    elif tuple(log.obs_shape) != tuple(env.obs_shape):
         diff.append(f"obs shape {tuple(log.obs_shape)} != {tuple(env.obs_shape)}")
     low, high = np.asarray(log.act_low), np.asarray(log.act_high)
     if low.shape != env.act_low.shape or not (
@@ -356,8 +463,18 @@ def _config(
         if key in given:
             raise RetrainError(f"{key!r} cannot be overridden: it comes from --out and the logs")
     if init is None:
-        preset = given.pop("preset", "td3")
+        preset = given.pop("preset", None)
         values: dict[str, Any] = {**given, "env": spec.env_id}
+        pixels = spec.pixel_spec
+        if pixels is not None:  # the networks see what the robot's camera saw
+            camera = pixels.get("camera")
+            values.update(
+                pixels=True,
+                pixel_size=pixels["size"],
+                frame_stack=pixels["stack"],
+                action_repeat=pixels["repeat"],
+                camera="" if camera is None else str(camera),
+            )
     else:
         path = init / "config.yaml"
         if not path.exists():
@@ -403,6 +520,25 @@ def _init_replay(init: Path, state: dict[str, Any], log: Callable[[str], None]) 
     return columns
 
 
+def _init_frame_replay(
+    init: Path, state: dict[str, Any], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """The init pixel run's saved frame replay (a FrameReplay state dict; empty if none)."""
+    path = init / "replay.pt"
+    if not path.exists():
+        return {}
+    if not state.get("has_replay", True):
+        log(f"warning: {path} is older than the checkpoint (saved without replay); not merged")
+        return {}
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        int(saved["size"]), len(saved["frames"])
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RetrainError(f"{path}: cannot read the init run's replay: {reason}") from None
+    return saved
+
+
 def retrain(
     logs: Sequence[Path],
     out: Path,
@@ -445,20 +581,31 @@ def retrain(
         raise RetrainError(f"--init {init} is not a run directory: checkpoint.pt is missing")
 
     # 1. Data, and every refusal, before the run directory exists.
-    data = load_transitions(logs, warn=lambda line: log(f"warning: {line}"))
+    data = load_logs(logs, warn=lambda line: log(f"warning: {line}"))
     t_read = time.perf_counter() - t_start
     cfg = _config(init, data.spec, out, seed, eval_episodes, overrides)
     try:
         env = _env_spec(cfg.env)
     except EnvError as e:
         raise RetrainError(str(e)) from None
-    check_spec(data.spec, env, f"the init run's env ({init})" if init else "the environment")
-    if data.valid.sum() == 0:
+    pixel_spec = cfg.pixel_spec()
+    check_spec(
+        data.spec,
+        env,
+        f"the init run's env ({init})" if init else "the environment",
+        pixel_spec.to_dict() if pixel_spec is not None else None,
+    )
+    n_log = data.kept if isinstance(data, PixelLog) else int(data.valid.sum())
+    if n_log == 0:
         raise RetrainError(f"all {len(data)} logged transitions have non-finite values")
     state = read_checkpoint(init / "checkpoint.pt") if init is not None else None
-    init_columns = _init_replay(init, state, log) if init is not None and state else {}
-    n_init = len(init_columns["reward"]) if init_columns else 0
-    n_log = int(data.valid.sum())
+    init_columns: dict[str, Any] = {}
+    if init is not None and state:
+        read_init = _init_frame_replay if pixel_spec is not None else _init_replay
+        init_columns = read_init(init, state, log)
+    n_init = int(
+        init_columns["size"] if "size" in init_columns else len(init_columns.get("reward", []))
+    )
     n_total = n_init + n_log
     steps = (int(state["step"]) if state else 0) + n_log
     # The buffer holds everything, and `ddpg train --resume` rebuilds one that fits it again.
@@ -467,7 +614,10 @@ def retrain(
     cfg = make_config(values.pop("preset"), **values)
 
     # 2. The run directory, networks and replay: a Trainer's, without its environment loop.
-    trainer = Trainer(cfg, progress=False)
+    frames = None
+    if isinstance(data, PixelLog):  # room for every frame: short runs cost a stack each
+        frames = data.frames_needed + len(init_columns.get("frames", [])) + cfg.frame_stack + 1
+    trainer = Trainer(cfg, progress=False, replay_frames=frames)
     try:
         return _run(
             trainer,
@@ -490,7 +640,7 @@ def retrain(
 def _run(
     trainer: Trainer,
     cfg: TrainConfig,
-    data: LoggedTransitions,
+    data: LoggedTransitions | PixelLog,
     logs: list[Path],
     init: Path | None,
     state: dict[str, Any] | None,
@@ -519,13 +669,26 @@ def _run(
         trainer.wall_s = float(state["wall_s"])
         log(f"init: {init} (step {trainer.step}, {agent.updates} updates)")
     t0 = time.perf_counter()
-    if init_columns:
-        replay.add_batch(**init_columns)
-    replay.add_batch(**data.replay_columns())
+    if isinstance(replay, FrameReplay):
+        assert isinstance(data, PixelLog)
+        if init_columns:
+            replay.load_state_dict(init_columns)
+        for seg in data.segments:
+            replay.add_segment(
+                seg.obs0, seg.frames, seg.action, seg.reward, seg.terminated, seg.truncated
+            )
+        n_log, episode_ends = data.kept, data.episode_ends
+    else:
+        assert isinstance(data, LoggedTransitions)
+        if init_columns:
+            replay.add_batch(**init_columns)
+        replay.add_batch(**data.replay_columns())
+        n_log = int(data.valid.sum())
+        episode_ends = int((data.terminated | data.truncated)[data.valid].sum())
     t_fill = time.perf_counter() - t0
-    n_init, n_log = len(replay) - int(data.valid.sum()), int(data.valid.sum())
+    n_init = len(replay) - n_log
     trainer.step += n_log
-    trainer.episode += int((data.terminated | data.truncated)[data.valid].sum())
+    trainer.episode += episode_ends
     log(
         f"logs: {len(data)} transitions from {data.chunks} chunk(s) of {data.spec.env_id}; "
         f"dropped {data.dropped} with non-finite values; replay {len(replay)} "
@@ -533,25 +696,31 @@ def _run(
     )
 
     # 3. Offline metrics before, the updates, and the metrics after.
-    returns = discounted_returns(data, cfg.gamma)
-    q_obs, q_act = data.obs[returns.rows], data.action[returns.rows]
-    probe = replay.sample(
-        min(len(replay), CRITIC_LOSS_ROWS),
+    probe = trainer.sample(
+        min(len(replay), PIXEL_LOSS_ROWS if cfg.pixels else CRITIC_LOSS_ROWS),
         generator=torch.Generator(device=replay.device).manual_seed(cfg.seed + 3),
     )
     loss_before = critic_loss(agent, probe, cfg.seed + 4)
-    q_before = q_values(agent, q_obs, q_act)
+    q_report: dict[str, Any]
+    if isinstance(data, LoggedTransitions):
+        returns = discounted_returns(data, cfg.gamma)
+        q_obs, q_act = data.obs[returns.rows], data.action[returns.rows]
+        q_before = q_values(agent, q_obs, q_act)
 
     update_s = _update(trainer, cfg, updates, progress)
     trainer.wall_s += update_s
     trainer.save_checkpoint()
 
     loss_after = critic_loss(agent, probe, cfg.seed + 4)
-    q_after = q_values(agent, q_obs, q_act)
+    if isinstance(data, LoggedTransitions):
+        q_after = q_values(agent, q_obs, q_act)
+        q_report = _q_report(cfg, returns, q_before, q_after)
+    else:
+        q_report = {
+            "skipped": "not computed for pixel logs: it would rebuild every stacked frame of "
+            "every whole episode; the critic loss above is measured on replay samples"
+        }
     updates_per_s = updates / update_s if update_s > 0 else None
-    q_kind = (
-        "min of the twin critics (the TD target's estimate)" if cfg.twin_q else "Q1 (one critic)"
-    )
     report: dict[str, Any] = {
         "logs": [str(d) for d in logs],
         "init": str(init) if init else None,
@@ -577,21 +746,7 @@ def _run(
             "start": finite_or_none(loss_before),
             "end": finite_or_none(loss_after),
         },
-        "q_vs_logged_returns": {
-            "q": q_kind,
-            "gamma": cfg.gamma,
-            "note": (
-                "G_t is the discounted return-to-go actually logged, over episodes whole in the "
-                "log; Q includes the value beyond a time limit, which G of a truncated episode "
-                "omits (G is then a lower bound when rewards are non-negative); 'terminated' "
-                "holds only episodes that ended in a true terminal state"
-            ),
-            "episodes": returns.episodes,
-            "episodes_terminated": returns.episodes_terminated,
-            "episodes_skipped": returns.episodes_skipped,
-            "all": _q_group(returns, np.ones(len(returns.rows), bool), q_before, q_after),
-            "terminated": _q_group(returns, returns.terminated, q_before, q_after),
-        },
+        "q_vs_logged_returns": q_report,
         "read_s": round(t_read, 3),
         "fill_s": round(t_fill, 3),
         "update_s": round(update_s, 3),
@@ -634,6 +789,29 @@ def _run(
     return summary
 
 
+def _q_report(
+    cfg: TrainConfig, returns: LoggedReturns, q_before: np.ndarray, q_after: np.ndarray
+) -> dict[str, Any]:
+    q_kind = (
+        "min of the twin critics (the TD target's estimate)" if cfg.twin_q else "Q1 (one critic)"
+    )
+    return {
+        "q": q_kind,
+        "gamma": cfg.gamma,
+        "note": (
+            "G_t is the discounted return-to-go actually logged, over episodes whole in the "
+            "log; Q includes the value beyond a time limit, which G of a truncated episode "
+            "omits (G is then a lower bound when rewards are non-negative); 'terminated' "
+            "holds only episodes that ended in a true terminal state"
+        ),
+        "episodes": returns.episodes,
+        "episodes_terminated": returns.episodes_terminated,
+        "episodes_skipped": returns.episodes_skipped,
+        "all": _q_group(returns, np.ones(len(returns.rows), bool), q_before, q_after),
+        "terminated": _q_group(returns, returns.terminated, q_before, q_after),
+    }
+
+
 def _update(trainer: Trainer, cfg: TrainConfig, updates: int, progress: bool) -> float:
     """``updates`` agent updates on replay samples; metrics every ``log_every`` updates.
     Sampling has its own seeded generator and the global torch seed (target policy smoothing)
@@ -658,7 +836,7 @@ def _update(trainer: Trainer, cfg: TrainConfig, updates: int, progress: bool) ->
     done_log = 0
     try:
         for i in range(1, updates + 1):
-            metrics = agent.update(replay.sample(cfg.batch_size, generator=generator))
+            metrics = agent.update(trainer.sample(generator=generator))
             if i % cfg.log_every == 0 or i == updates:
                 now = time.perf_counter()
                 values = {k: float(v) for k, v in metrics.items()}
@@ -699,6 +877,8 @@ def _describe(report: dict[str, Any]) -> list[str]:
         f"({_fmt(report['updates_per_s'])} updates/s)"
     ]
     qr = report["q_vs_logged_returns"]
+    if "skipped" in qr:
+        return [*lines, f"Q vs logged returns: {qr['skipped']}"]
     for name in ("all", "terminated"):
         group = qr[name]
         if group is None:

@@ -78,7 +78,15 @@ def _atomic_save(obj: Any, path: Path) -> None:
 class Trainer:
     """One training run in ``cfg.run_dir()``; ``resume=True`` continues from its checkpoint."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        resume: bool = False,
+        progress: bool = True,
+        replay_frames: int | None = None,
+    ) -> None:
+        """``replay_frames``: a pixel replay's frame ring, when the default (capacity and an
+        eighth) is not enough (``ddpg retrain`` fills it with runs of a few steps)."""
         self.run_dir = cfg.run_dir()
         self.progress = progress
         ckpt_path = self.run_dir / "checkpoint.pt"
@@ -103,7 +111,7 @@ class Trainer:
                 f"environment {cfg.env!r} has {self.spec.obs_shape}-shaped observations; "
                 "the state trainer needs a flat vector"
             )
-        self.replay = self._make_replay()
+        self.replay = self._make_replay(replay_frames)
         self.agent = DDPGAgent(
             cfg, self.spec.obs_shape, self.spec.act_low, self.spec.act_high, self.device
         )
@@ -124,14 +132,14 @@ class Trainer:
         save_config(cfg, self.run_dir / "config.yaml")
         self.metrics = MetricsWriter(self.run_dir)
 
-    def _make_replay(self) -> ReplayBuffer | FrameReplay:
+    def _make_replay(self, frames: int | None) -> ReplayBuffer | FrameReplay:
         """The replay buffer, its memory stated up front; refused when it cannot fit."""
         cfg, spec = self.cfg, self.spec
         capacity = min(cfg.buffer_size, cfg.steps)
         if self.pixel_spec is not None:
             frame_shape = self.pixel_spec.frame_shape
             args = (capacity, frame_shape, self.pixel_spec.stack)
-            need = FrameReplay.memory_needed(*args, act_dim=spec.act_dim)
+            need = FrameReplay.memory_needed(*args, act_dim=spec.act_dim, frame_capacity=frames)
         else:
             need = ReplayBuffer.memory_needed(capacity, spec.obs_dim, spec.act_dim)
         try:
@@ -145,7 +153,9 @@ class Trainer:
             file=sys.stderr,
         )
         if self.pixel_spec is not None:
-            return FrameReplay(*args, act_dim=spec.act_dim, device=self.device)
+            return FrameReplay(
+                *args, act_dim=spec.act_dim, device=self.device, frame_capacity=frames
+            )
         return ReplayBuffer(capacity, spec.obs_dim, spec.act_dim, self.device)
 
     def _begin_episode(self, info: dict[str, Any]) -> None:
@@ -175,12 +185,14 @@ class Trainer:
         frac = min(1.0, self.step / cfg.noise_decay_steps)
         return cfg.noise_sigma + frac * (cfg.noise_sigma_final - cfg.noise_sigma)
 
-    def _sample(self) -> Batch:
+    def sample(
+        self, batch_size: int | None = None, generator: torch.Generator | None = None
+    ) -> Batch:
+        """A learner's batch from the replay (n-step returns when the config asks)."""
+        n = batch_size or self.cfg.batch_size
         if isinstance(self.replay, FrameReplay):
-            return self.replay.sample(
-                self.cfg.batch_size, n_step=self.cfg.n_step, gamma=self.cfg.gamma
-            )
-        return self.replay.sample(self.cfg.batch_size)
+            return self.replay.sample(n, generator, n_step=self.cfg.n_step, gamma=self.cfg.gamma)
+        return self.replay.sample(n, generator)
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -285,7 +297,7 @@ class Trainer:
                     obs = next_obs
                 if self.step >= cfg.learning_starts and self.step % cfg.update_every == 0:
                     for _ in range(cfg.updates_per_step):
-                        metrics = agent.update(self._sample())
+                        metrics = agent.update(self.sample())
                 if self.step % cfg.log_every == 0:
                     now = time.perf_counter()
                     values = {k: float(v) for k, v in metrics.items()}
