@@ -131,3 +131,40 @@ def test_a_pixel_log_is_refused_for_a_state_run(
         RetrainError, match=r"do not match the init run's env .*: pixels \{.*\} != None"
     ):
         retrain([log_dir], tmp_path / "rt", init=zoo, updates=1, eval_episodes=0)
+
+
+def test_retrain_continues_a_pixel_run_after_its_own_replay(
+    pixel_log: tuple[Path, int], tmp_path: Path
+) -> None:
+    from training.config import make_config
+    from training.trainer import train
+
+    log_dir, rows = pixel_log
+    init = tmp_path / "init"
+    cfg = make_config(
+        "drq",
+        env=ENV_ID,
+        pixels=True,
+        pixel_size=SPEC.size,
+        frame_stack=SPEC.stack,
+        action_repeat=SPEC.repeat,
+        steps=30,
+        learning_starts=20,
+        batch_size=8,
+        eval_every=0,
+        eval_episodes=0,
+        save_replay=True,
+        export=False,
+        out=str(init),
+    )
+    trained = train(cfg, progress=False)
+    summary = retrain(
+        [log_dir], tmp_path / "rt", init=init, updates=4, eval_episodes=0, log=lambda _: None
+    )
+    report = json.loads((tmp_path / "rt" / "retrain.json").read_text())
+    # what the init run's frame ring held (very short episodes evict a few of its 30 steps)
+    saved = int(torch.load(init / "replay.pt", weights_only=True)["size"])
+    assert 0 < saved <= 30 and report["transitions"]["from_init_replay"] == saved
+    assert report["transitions"]["replay"] == saved + rows
+    assert summary["updates_total"] == trained["updates"] + 4
+    assert summary["steps"] == 30 + rows

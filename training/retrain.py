@@ -500,8 +500,9 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple | list) else value
 
 
-def _init_replay(init: Path, state: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    """The init run's saved replay as add_batch columns, oldest row first (empty if none)."""
+def _saved_replay(init: Path, state: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """The init run's ``replay.pt`` as saved (a ReplayBuffer's or, from pixels, a FrameReplay's
+    state dict); empty if there is none or it is older than the checkpoint."""
     path = init / "replay.pt"
     if not path.exists():
         return {}
@@ -510,33 +511,26 @@ def _init_replay(init: Path, state: dict[str, Any], log: Callable[[str], None]) 
         return {}
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        size, pos = int(saved["size"]), int(saved["pos"])
-        columns = {k: saved[k][:size] for k in REPLAY_COLUMNS}
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RetrainError(f"{path}: cannot read the init run's replay: {reason}") from None
-    if 0 < pos < size:  # a full ring: the oldest row sits at pos
-        columns = {k: torch.cat([v[pos:], v[:pos]]) for k, v in columns.items()}
-    return columns
-
-
-def _init_frame_replay(
-    init: Path, state: dict[str, Any], log: Callable[[str], None]
-) -> dict[str, Any]:
-    """The init pixel run's saved frame replay (a FrameReplay state dict; empty if none)."""
-    path = init / "replay.pt"
-    if not path.exists():
-        return {}
-    if not state.get("has_replay", True):
-        log(f"warning: {path} is older than the checkpoint (saved without replay); not merged")
-        return {}
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        int(saved["size"]), len(saved["frames"])
+        int(saved["size"])
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RetrainError(f"{path}: cannot read the init run's replay: {reason}") from None
     return saved
+
+
+def _init_replay(init: Path, state: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """The init run's saved replay as add_batch columns, oldest row first (empty if none)."""
+    saved = _saved_replay(init, state, log)
+    if not saved:
+        return {}
+    try:
+        size, pos = int(saved["size"]), int(saved["pos"])
+        columns = {k: saved[k][:size] for k in REPLAY_COLUMNS}
+    except KeyError as e:
+        raise RetrainError(f"{init / 'replay.pt'}: not a state replay (no {e})") from None
+    if 0 < pos < size:  # a full ring: the oldest row sits at pos
+        columns = {k: torch.cat([v[pos:], v[:pos]]) for k, v in columns.items()}
+    return columns
 
 
 def retrain(
@@ -601,7 +595,7 @@ def retrain(
     state = read_checkpoint(init / "checkpoint.pt") if init is not None else None
     init_columns: dict[str, Any] = {}
     if init is not None and state:
-        read_init = _init_frame_replay if pixel_spec is not None else _init_replay
+        read_init = _saved_replay if pixel_spec is not None else _init_replay
         init_columns = read_init(init, state, log)
     n_init = int(
         init_columns["size"] if "size" in init_columns else len(init_columns.get("reward", []))
