@@ -1,4 +1,4 @@
-"""Pixel pipeline benchmark: render rate, frame replay memory and sampling, pixel network cost.
+"""Pixel pipeline benchmark: render rate, frame replay memory and sampling, update rate, learning.
 
 Three measurements, each printed as a table and written together to
 ``benchmarks/results/pixels.json``:
@@ -16,16 +16,14 @@ Three measurements, each printed as a table and written together to
    uint8 -> float conversion (``obs`` and ``next_obs``, ``/ 255``) and of ``random_shift``
    (DrQ-v2's augmentation, on the uint8 ``obs`` and ``next_obs``). The buffer is filled with
    synthetic frames in 1,000-step episodes (sampling cost does not depend on pixel values).
-3. **Pixel network cost, not the DDPG update**: forward + backward + one plain
-   ``torch.optim.Adam`` step of ``PixelCritic`` (``n_q`` 1 and 2, MSE to a random target) and of
-   ``PixelActor`` (a dummy loss on its actions) on random 9 x 64 x 64 uint8 batches of 16 and 64,
-   in steps per second, plus an updates-equivalent per second ``1 / (t_critic + t_actor)``. The
-   trainer does not yet run the DDPG update from pixels, so this measures the networks alone: no
-   target networks, no target Q evaluation, no critic pass inside the actor loss, no replay.
-
-**Not measured yet**: the learning run of issue 6 (InvertedPendulum-v5 from pixels, target mean
-evaluation return >= 900 within 100,000 environment steps) is not part of this script because
-``ddpg train --pixels`` does not exist yet; the JSON says so under ``learning``.
+3. **The DDPG update from pixels**: the trainer's own ``DDPGAgent.update`` on
+   ``FrameReplay.sample`` (n-step returns and random shift where the preset asks), per preset at
+   its batch size (paper 16, drq 32), and the paper's networks with DrQ-v2's strides 2,1,1 for
+   comparison; updates per second and time as a ratio to the paper preset's, in one run.
+4. **Learning** (optional, long): ``--learn-steps 33334`` runs ``ddpg train --pixels --preset
+   drq`` on InvertedPendulum-v5 for 100,000 environment steps (action repeat 3) and reports the
+   evaluation returns against the target (mean >= 900 within 100,000 env steps);
+   ``--learning-run DIR`` reports a finished run instead.
 
 Torch threads default to 1 (``--threads``). On a GPU machine pass ``--device cuda`` (replay and
 networks on the GPU; rendering still goes through ``MUJOCO_GL``). The load average (1 min) before
@@ -33,7 +31,7 @@ and after, the CPU model and the command line are recorded.
 
     .venv/bin/python benchmarks/pixels.py [--quick] [--device cpu] [--threads 1]
         [--frames 300] [--cheetah-frames 24] [--capacity 20000] [--iters 200]
-        [--net-iters 20] [--skip-render] [--out PATH]
+        [--update-iters 20] [--skip-render] [--learn-steps N | --learning-run DIR] [--out PATH]
 """
 
 from __future__ import annotations
@@ -46,7 +44,6 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +55,7 @@ from sim_bridge.pixels import PixelSpec, render_rate  # noqa: I001
 import numpy as np
 import torch
 
-from models.pixel_networks import PixelActor, PixelCritic, random_shift
+from models.pixel_networks import random_shift
 from training.frame_replay import FrameReplay, format_bytes
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "pixels.json"
@@ -66,9 +63,8 @@ PENDULUM, CHEETAH = "InvertedPendulum-v5", "HalfCheetah-v5"
 STACK, REPEAT = 3, 3
 EPISODE = 1000
 LEARNING_NOTE = (
-    "learning run NOT measured: InvertedPendulum-v5 from pixels (target: mean evaluation return "
-    ">= 900 within 100,000 env steps) is not part of this script yet, because "
-    "`ddpg train --pixels` does not exist yet"
+    "learning run not measured in this run: pass --learn-steps 33334 (100k env steps, about an "
+    "hour on 2 CPU cores) or --learning-run RUN_DIR (a finished ddpg train --pixels run)"
 )
 
 
@@ -209,65 +205,105 @@ def bench_replay(
     return rows
 
 
-# -- 3. networks -------------------------------------------------------------------------------
-def adam_step(
-    net: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    obs: torch.Tensor,
-    act: torch.Tensor | None = None,
-    target: torch.Tensor | None = None,
-) -> None:
-    """One forward, backward and Adam step: MSE to ``target`` for a critic (``act`` given),
-    a dummy loss (mean squared action) for an actor."""
-    if act is None:
-        loss = net(obs).pow(2).mean()
-    else:
-        assert target is not None
-        loss = (net(obs, act) - target).pow(2).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+# -- 3. the DDPG update from pixels ------------------------------------------------------------
+UPDATE_CASES: list[tuple[str, str, dict[str, Any]]] = [
+    ("paper", "paper", {}),
+    ("drq", "drq", {}),
+    ("paper, strides 2,1,1", "paper", {"conv_strides": (2, 1, 1)}),
+]
+"""(label, preset, overrides): the two pixel presets, and the paper's networks with DrQ-v2's
+strides (23,328 conv features) to show what the stride choice costs."""
 
 
-def bench_networks(
-    batches: list[int], iters: int, device: torch.device, seed: int
+def bench_updates(
+    iters: int, capacity: int, device: torch.device, seed: int
 ) -> list[dict[str, Any]]:
-    torch.manual_seed(seed)
-    obs_shape = (3 * STACK, 64, 64)
-    act_dim = 1
+    """The trainer's own update (``DDPGAgent.update`` on ``FrameReplay.sample``, n-step and
+    random shift where the preset asks) at each preset's batch size, on a filled 64x64 replay."""
+    from training.agent import DDPGAgent
+    from training.config import make_config
+
+    replay = filled_replay(64, capacity, device, seed)
     rows: list[dict[str, Any]] = []
-    for b in batches:
-        obs = torch.randint(0, 256, (b, *obs_shape), dtype=torch.uint8, device=device)
-        act = torch.rand(b, act_dim, device=device) * 2 - 1
-        target = torch.randn(b, device=device)
-        actor = PixelActor(obs_shape, [-1.0] * act_dim, [1.0] * act_dim).to(device)
-        actor_opt = torch.optim.Adam(actor.parameters(), lr=1e-4)
+    base = None
+    for label, preset, overrides in UPDATE_CASES:
+        cfg = make_config(preset, env=PENDULUM, pixels=True, **overrides)
+        torch.manual_seed(seed)
+        agent = DDPGAgent(cfg, (3 * STACK, 64, 64), np.array([-3.0]), np.array([3.0]), device)
+        gen = torch.Generator(device=device).manual_seed(seed)
 
-        t_actor = per_call_s(partial(adam_step, actor, actor_opt, obs), iters, device)
-        for n_q in (1, 2):
-            critic = PixelCritic(obs_shape, act_dim, n_q=n_q).to(device)
-            critic_opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+        def update(agent: DDPGAgent = agent, cfg: Any = cfg, gen: torch.Generator = gen) -> object:
+            batch = replay.sample(cfg.batch_size, gen, n_step=cfg.n_step, gamma=cfg.gamma)
+            return agent.update(batch)
 
-            step = partial(adam_step, critic, critic_opt, obs, act, target)
-            t_critic = per_call_s(step, iters, device)
-            row = {
-                "batch": b,
-                "n_q": n_q,
-                "critic_ms": round(t_critic * 1e3, 2),
-                "critic_steps_per_s": round(1 / t_critic, 1),
-                "actor_ms": round(t_actor * 1e3, 2),
-                "actor_steps_per_s": round(1 / t_actor, 1),
-                "updates_equiv_per_s": round(1 / (t_critic + t_actor), 1),
-                "critic_params": sum(p.numel() for p in critic.parameters()),
-                "actor_params": sum(p.numel() for p in actor.parameters()),
-            }
-            rows.append(row)
-            print(
-                f"  batch {b:3} n_q {n_q}: critic {t_critic * 1e3:7.2f} ms, actor "
-                f"{t_actor * 1e3:7.2f} ms, {row['updates_equiv_per_s']:6.1f} updates-equiv/s",
-                flush=True,
-            )
+        t = per_call_s(update, iters, device)
+        base = base or t
+        row = {
+            "case": label,
+            "preset": preset,
+            "batch": cfg.batch_size,
+            "n_step": cfg.n_step,
+            "augment_pad": cfg.augment_pad,
+            "conv_strides": list(cfg.conv_strides),
+            "pixel_features": cfg.pixel_features,
+            "update_ms": round(t * 1e3, 2),
+            "updates_per_s": round(1 / t, 2),
+            "samples_per_s": round(cfg.batch_size / t, 1),
+            "time_vs_paper": round(t / base, 2),
+            "actor_params": sum(p.numel() for p in agent.actor.parameters()),
+            "critic_params": sum(p.numel() for p in agent.critic.parameters()),
+        }
+        rows.append(row)
+        print(
+            f"  {label:22} batch {cfg.batch_size:3}: {t * 1e3:7.1f} ms/update, "
+            f"{1 / t:6.2f} updates/s",
+            flush=True,
+        )
     return rows
+
+
+# -- 4. learning ---------------------------------------------------------------------------------
+TARGET_RETURN, TARGET_ENV_STEPS = 900.0, 100_000
+
+
+def learning_summary(run_dir: Path) -> dict[str, Any]:
+    """Evaluation returns against environment (physics) steps of a ``ddpg train --pixels`` run
+    on InvertedPendulum-v5, and whether it met the target."""
+    import csv
+
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    repeat = int(cfg["action_repeat"])
+    with open(run_dir / "eval.csv") as f:
+        evals = [
+            {
+                "agent_steps": int(r["step"]),
+                "env_steps": int(r["step"]) * repeat,
+                "return_mean": round(float(r["return_mean"]), 1),
+                "return_std": round(float(r["return_std"]), 1),
+            }
+            for r in csv.DictReader(f)
+        ]
+    within = [e for e in evals if e["env_steps"] <= TARGET_ENV_STEPS]
+    first = next((e for e in evals if e["return_mean"] >= TARGET_RETURN), None)
+    summary_path = run_dir / "eval.json"
+    final = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    return {
+        "measured": True,
+        "run_dir": str(run_dir),
+        "env": cfg["env"],
+        "preset": cfg["preset"],
+        "seed": cfg["seed"],
+        "env_steps_note": "env steps = agent steps x action_repeat (physics steps; an episode's "
+        "last agent step may take fewer)",
+        "evals": evals,
+        "best_within_target_steps": max((e["return_mean"] for e in within), default=None),
+        "first_eval_at_target": first,
+        "target_met": first is not None and first["env_steps"] <= TARGET_ENV_STEPS,
+        "wall_s": final["wall_s"] if final else None,
+        "steps_per_s": final["steps_per_s"] if final else None,
+    }
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -293,21 +329,29 @@ def print_tables(result: dict[str, Any]) -> None:
             f"{r['to_float_us']:>9.1f} {r['random_shift_us']:>9.1f} {r['samples_per_s']:>10.1f} "
             f"{r['sample_float_shift_per_s']:>9.1f}"
         )
+    print(f"\nThe DDPG update from pixels (trainer's update on the frame replay, 64x64, {dev})")
     print(
-        f"\nPixel network cost, NOT the DDPG update (fwd+bwd+Adam, 9x64x64 uint8, {dev}, "
-        f"threads {result['threads']})"
+        f"{'case':22} {'batch':>5} {'n-step':>6} {'ms':>8} {'updates/s':>10} {'x paper time':>12}"
     )
-    print(
-        f"{'batch':>5} {'n_q':>3} {'critic ms':>10} {'critic/s':>9} {'actor ms':>9} "
-        f"{'actor/s':>8} {'upd-equiv/s':>12}"
-    )
-    for r in result["networks"]:
+    for r in result["updates"]:
         print(
-            f"{r['batch']:>5} {r['n_q']:>3} {r['critic_ms']:>10.2f} {r['critic_steps_per_s']:>9.1f}"
-            f" {r['actor_ms']:>9.2f} {r['actor_steps_per_s']:>8.1f} "
-            f"{r['updates_equiv_per_s']:>12.1f}"
+            f"{r['case']:22} {r['batch']:>5} {r['n_step']:>6} {r['update_ms']:>8.1f} "
+            f"{r['updates_per_s']:>10.2f} {r['time_vs_paper']:>12.2f}"
         )
-    print(f"\n{LEARNING_NOTE}.")
+    learn = result["learning"]
+    if learn.get("measured"):
+        print(f"\nLearning: {learn['env']} from pixels, {learn['preset']}, seed {learn['seed']}")
+        print(f"{'env steps':>10} {'agent steps':>12} {'eval return':>16}")
+        for e in learn["evals"]:
+            ret = f"{e['return_mean']:.1f} ± {e['return_std']:.1f}"
+            print(f"{e['env_steps']:>10,} {e['agent_steps']:>12,} {ret:>16}")
+        met = "met" if learn["target_met"] else "NOT met"
+        print(
+            f"target {TARGET_RETURN:.0f} within {TARGET_ENV_STEPS:,} env steps: {met} (best "
+            f"within: {learn['best_within_target_steps']})"
+        )
+    else:
+        print(f"\n{learn['note']}")
     print(
         f"load average 1 min before/after: {result['loadavg_1min_before']}/"
         f"{result['loadavg_1min_after']}; {result['cpu']}; wall {result['wall_s']:.1f} s"
@@ -326,7 +370,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--iters", type=int, default=200, help="timed replay calls at batch 16 (fewer at 256)"
     )
-    parser.add_argument("--net-iters", type=int, default=20, help="timed network steps per case")
+    parser.add_argument("--update-iters", type=int, default=20, help="timed updates per case")
+    parser.add_argument(
+        "--learn-steps",
+        type=int,
+        default=0,
+        help="also run the learning benchmark: ddpg train --pixels --preset drq for N agent "
+        "steps (33,334 = 100k env steps; about an hour on 2 CPU cores)",
+    )
+    parser.add_argument(
+        "--learn-out", type=Path, default=Path("runs/bench-pixels-learn"), help="its run dir"
+    )
+    parser.add_argument(
+        "--learning-run",
+        type=Path,
+        help="report a finished `ddpg train --pixels` run on InvertedPendulum-v5 instead",
+    )
     parser.add_argument("--skip-render", action="store_true", help="skip the render rates")
     parser.add_argument("--quick", action="store_true", help="tiny run: a smoke test, not figures")
     parser.add_argument("--seed", type=int, default=0)
@@ -334,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.frames, args.cheetah_frames = 30, 4
-        args.capacity, args.iters, args.net_iters = 2000, 20, 3
+        args.capacity, args.iters, args.update_iters = 2000, 20, 3
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -348,8 +407,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         render = bench_render(args.frames, args.cheetah_frames)
     print("frame replay", flush=True)
     replay = bench_replay([64, 84], [16, 256], args.capacity, args.iters, device, args.seed)
-    print("pixel networks", flush=True)
-    networks = bench_networks([16, 64], args.net_iters, device, args.seed)
+    print("DDPG update from pixels", flush=True)
+    updates = bench_updates(args.update_iters, args.capacity, device, args.seed)
+    learning: dict[str, Any] = {"measured": False, "note": LEARNING_NOTE}
+    if args.learn_steps:
+        from training.config import make_config
+        from training.trainer import train
+
+        out = args.learn_out
+        print(f"learning run: {args.learn_steps} agent steps into {out}", flush=True)
+        cfg = make_config(
+            "drq", env=PENDULUM, pixels=True, steps=args.learn_steps, seed=args.seed,
+            eval_every=2_500, eval_episodes=10, out=str(out), device=str(device),
+        )  # fmt: skip
+        train(cfg, progress=False)
+        learning = learning_summary(out)
+    elif args.learning_run is not None:
+        learning = learning_summary(args.learning_run)
     wall = time.perf_counter() - t0
 
     result: dict[str, Any] = {
@@ -362,13 +436,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "quick": args.quick,
         "render": [{**r, "fps": round(r["fps"], 2)} for r in render],
         "replay": replay,
-        "networks_note": (
-            "PixelCritic/PixelActor forward+backward+one plain Adam step on random batches: "
-            "the networks' cost, not the DDPG update (the trainer does not run it from pixels "
-            "yet); updates_equiv_per_s = 1 / (critic step + actor step)"
+        "updates_note": (
+            "DDPGAgent.update on FrameReplay.sample at each preset's batch size (n-step returns "
+            "and random shift where the preset asks): the trainer's own update"
         ),
-        "networks": networks,
-        "learning": {"measured": False, "note": LEARNING_NOTE},
+        "updates": updates,
+        "learning": learning,
         "wall_s": round(wall, 2),
         "loadavg_1min_before": load_before,
         "loadavg_1min_after": loadavg_1min(),
