@@ -356,6 +356,28 @@ def _check_bridge_observations(path: Path, cfg: LaunchConfig) -> None:
             )
 
 
+def _check_continual_init(path: Path, cfg: LaunchConfig) -> None:
+    """Refuse a continual init run that sees other observations than the served model: every
+    round would retrain it on logs it cannot read, and fail."""
+    import onnx
+
+    from models.policy import pixel_differences, pixel_spec_dict, read_metadata
+    from training.config import load_config  # YAML and dataclasses only: no torch here
+
+    assert cfg.continual.init is not None
+    try:
+        spec = load_config(Path(cfg.continual.init) / "config.yaml").pixel_spec()
+    except (ConfigError, OSError) as e:
+        raise ConfigError(f"{path}: continual.init = {cfg.continual.init!r}: {e}") from None
+    meta = read_metadata(onnx.load(cfg.node.model, load_external_data=False))
+    diff = pixel_differences(None if spec is None else spec.to_dict(), pixel_spec_dict(meta))
+    if diff:
+        raise ConfigError(
+            f"{path}: continual.init ({cfg.continual.init}) sees other observations than "
+            f"node.model ({'; '.join(diff)}, init run vs model)"
+        )
+
+
 def load_launch(path: Path, check_ports: bool = True) -> LaunchConfig:
     """Load ``launch.yaml``; the model path is resolved against the file's directory and must
     exist, and (with ``check_ports``) the node's ports must be free."""
@@ -385,6 +407,7 @@ def load_launch(path: Path, check_ports: bool = True) -> LaunchConfig:
         if not (init / "checkpoint.pt").is_file():
             raise ConfigError(f"{path}: continual.init = {cont.init!r}: no checkpoint.pt in {init}")
         cont.init = str(init)
+        _check_continual_init(path, cfg)
     for key in ("bind", "admin") if check_ports else ():
         address = getattr(cfg.node, key)
         if port_in_use(address):

@@ -73,8 +73,8 @@ class Continual:
                 self._record(rounds, committed, run_dir, time.monotonic(), False, f"failed: {e}")
 
     def _round(self, n: int, committed: int, run_dir: Path) -> None:
-        from models.policy import OnnxPolicy
-        from sim_bridge.envs import make_env
+        from models.policy import OnnxPolicy, pixel_spec_dict
+        from sim_bridge.pixels import make_env_for
         from training.evaluation import evaluate
         from training.retrain import retrain
 
@@ -93,10 +93,13 @@ class Continual:
             self._record(n, committed, run_dir, t0, deploy=False,
                          reason=f"no candidate: {result.get('export_error', 'export failed')}")  # fmt: skip
             return
-        env = make_env(self.cfg.bridges[0].env if self.cfg.bridges else result["env"])
+        live_policy, cand_policy = OnnxPolicy(self.live_path), OnnxPolicy(candidate)
+        env_id = self.cfg.bridges[0].env if self.cfg.bridges else result["env"]
+        # a pixel pair is evaluated through the same rendering as its bridge sees
+        env = make_env_for(env_id, pixel_spec_dict(live_policy.metadata))
         seed = self.c.eval_seed
-        cand = evaluate(OnnxPolicy(candidate), env, self.c.eval_episodes, seed)
-        live = evaluate(OnnxPolicy(self.live_path), env, self.c.eval_episodes, seed)
+        cand = evaluate(cand_policy, env, self.c.eval_episodes, seed)
+        live = evaluate(live_policy, env, self.c.eval_episodes, seed)
         env.close()
         deploy = cand.mean >= live.mean - self.c.margin
         decision: dict[str, Any] = {
@@ -104,8 +107,8 @@ class Continual:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "transitions": committed,
             "run_dir": str(run_dir),
-            "candidate_model_id": OnnxPolicy(candidate).model_id,
-            "live_model_id": OnnxPolicy(self.live_path).model_id,
+            "candidate_model_id": cand_policy.model_id,
+            "live_model_id": live_policy.model_id,
             "candidate_return": cand.mean,
             "live_return": live.mean,
             "eval_episodes": self.c.eval_episodes,

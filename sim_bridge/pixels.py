@@ -147,6 +147,14 @@ def make_pixel_env(
     return PixelObservation(make_env(env_id, **kwargs), spec)
 
 
+def make_env_for(env_id: str, pixels: Mapping[str, Any] | None) -> gym.Env:
+    """The environment a policy runs in: ``env_id`` as it is for a state policy, through this
+    pipeline with the spec ``pixels`` (an exported pixel actor's metadata) for a pixel one."""
+    if pixels is None:
+        return make_env(env_id)
+    return make_pixel_env(env_id, PixelSpec.from_dict(pixels))
+
+
 class PixelObservation(gym.Wrapper[np.ndarray, np.ndarray, Any, np.ndarray]):
     """Pixel observations with action repeat and frame stacking, uint8 end to end.
 

@@ -256,6 +256,10 @@ def test_launch_serves_a_realtime_pixel_bridge_and_logs_each_frame_once(
         ({"bridge__pixels": {"colour": 1}}, "bridges[0].pixels.colour: unknown key"),
         ({"bridge__pixels": {"camera": 1.5}}, "bridges[0].pixels.camera = 1.5: expected int"),
         ({"bridge__pixels": {}, "node__model": str(PENDULUM)}, "!= none (state observations)"),
+        (  # continual mode would retrain a state run on pixel logs, and fail every round
+            {"bridge__pixels": SPEC.to_dict(), "continual": {"init": str(PENDULUM.parent)}},
+            "sees other observations than node.model (pixels none (state observations) != ",
+        ),
     ],
 )
 def test_a_launch_whose_bridge_does_not_fit_the_model_is_refused(

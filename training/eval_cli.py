@@ -97,6 +97,7 @@ def _video_writer(path: Path, fps: float) -> Any:
 def run(args: argparse.Namespace) -> int:
     from models.policy import OnnxPolicy, PolicyError, load_checked_proto, pixel_spec_dict
     from sim_bridge.envs import EnvError, env_spec, make_env
+    from sim_bridge.pixels import make_env_for
     from training.evaluation import evaluate
 
     def fail(message: str) -> int:
@@ -128,13 +129,8 @@ def run(args: argparse.Namespace) -> int:
     pixels = pixel_spec_dict(model_meta)
     if pixels is not None and args.video is not None:
         return fail("--video records state models; a pixel model sees its own 64x64 frames")
-    try:
-        if pixels is not None:  # the same render, repeat and stacking as in training
-            from sim_bridge.pixels import PixelSpec, make_pixel_env
-
-            env = make_pixel_env(env_id, PixelSpec.from_dict(pixels))
-        else:
-            env = make_env(env_id, **env_kwargs)
+    try:  # a pixel actor: the same render, repeat and stacking as in training
+        env = make_env(env_id, **env_kwargs) if pixels is None else make_env_for(env_id, pixels)
     except EnvError as e:
         return fail(str(e))
     writer = None
