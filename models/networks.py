@@ -26,6 +26,27 @@ def _uniform_final(layer_weight: torch.Tensor, layer_bias: torch.Tensor, bound: 
     nn.init.uniform_(layer_bias, -bound, bound)
 
 
+def register_action_bounds(
+    actor: nn.Module,
+    act_low: Sequence[float] | torch.Tensor,
+    act_high: Sequence[float] | torch.Tensor,
+) -> int:
+    """Give ``actor`` the ``action_scale`` and ``action_bias`` buffers that map tanh's [-1, 1]
+    to the bounds (buffers: they go to the device, the checkpoint and the exported graph);
+    returns the action size."""
+    low = torch.as_tensor(act_low, dtype=torch.float32)
+    high = torch.as_tensor(act_high, dtype=torch.float32)
+    if low.shape != high.shape or low.ndim != 1:
+        raise ValueError(
+            f"action bounds must be 1-D and equal in shape, got {low.shape}, {high.shape}"
+        )
+    if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+        raise ValueError("action bounds must be finite for a tanh policy")
+    actor.register_buffer("action_scale", (high - low) / 2.0)
+    actor.register_buffer("action_bias", (high + low) / 2.0)
+    return int(low.numel())
+
+
 class Actor(nn.Module):
     """Deterministic policy ``mu(s)``: MLP with ReLU hidden layers and a tanh output.
 
@@ -43,18 +64,8 @@ class Actor(nn.Module):
         final_init: float | None = None,
     ) -> None:
         super().__init__()
-        low = torch.as_tensor(act_low, dtype=torch.float32)
-        high = torch.as_tensor(act_high, dtype=torch.float32)
-        if low.shape != high.shape or low.ndim != 1:
-            raise ValueError(
-                f"action bounds must be 1-D and equal in shape, got {low.shape}, {high.shape}"
-            )
-        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
-            raise ValueError("action bounds must be finite for a tanh policy")
         self.obs_dim = obs_dim
-        self.act_dim = int(low.numel())
-        self.register_buffer("action_scale", (high - low) / 2.0)
-        self.register_buffer("action_bias", (high + low) / 2.0)
+        self.act_dim = register_action_bounds(self, act_low, act_high)
         self.obs_norm = nn.BatchNorm1d(obs_dim) if obs_norm else nn.Identity()
         layers: list[nn.Module] = []
         width = obs_dim

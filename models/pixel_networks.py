@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.networks import Critic, _uniform_final
+from models.networks import Critic, _uniform_final, register_action_bounds
 
 PAPER_HIDDEN = (200, 200)
 PAPER_FINAL_INIT = 3e-4
@@ -107,19 +107,9 @@ class PixelActor(nn.Module):
         feature_dim: int = 0,
     ) -> None:
         super().__init__()
-        low = torch.as_tensor(act_low, dtype=torch.float32)
-        high = torch.as_tensor(act_high, dtype=torch.float32)
-        if low.shape != high.shape or low.ndim != 1:
-            raise ValueError(
-                f"action bounds must be 1-D and equal in shape, got {low.shape}, {high.shape}"
-            )
-        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
-            raise ValueError("action bounds must be finite for a tanh policy")
+        self.act_dim = register_action_bounds(self, act_low, act_high)
         self.encoder = PixelEncoder(obs_shape, strides, feature_dim)
         self.obs_shape = self.encoder.obs_shape
-        self.act_dim = int(low.numel())
-        self.register_buffer("action_scale", (high - low) / 2.0)
-        self.register_buffer("action_bias", (high + low) / 2.0)
         layers: list[nn.Module] = []
         width = self.encoder.feature_dim
         for h in hidden:
