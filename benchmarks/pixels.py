@@ -275,28 +275,41 @@ def learning_summary(run_dir: Path) -> dict[str, Any]:
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     repeat = int(cfg["action_repeat"])
-    with open(run_dir / "eval.csv") as f:
-        evals = [
-            {
-                "agent_steps": int(r["step"]),
-                "env_steps": int(r["step"]) * repeat,
-                "return_mean": round(float(r["return_mean"]), 1),
-                "return_std": round(float(r["return_std"]), 1),
-            }
-            for r in csv.DictReader(f)
-        ]
-    within = [e for e in evals if e["env_steps"] <= TARGET_ENV_STEPS]
-    first = next((e for e in evals if e["return_mean"] >= TARGET_RETURN), None)
     summary_path = run_dir / "eval.json"
     final = json.loads(summary_path.read_text()) if summary_path.exists() else None
+
+    def env_steps(row: dict[str, str]) -> tuple[int, bool]:
+        """Physics steps at an evaluation, and whether they are exact: eval.csv has them
+        (runs since this stop), eval.json for the last one; else agent steps x repeat."""
+        if row.get("env_steps"):
+            return int(float(row["env_steps"])), True
+        if final and final.get("env_steps") and int(row["step"]) == final["steps"]:
+            return int(final["env_steps"]), True
+        return int(row["step"]) * repeat, False
+
+    with open(run_dir / "eval.csv") as f:
+        evals = []
+        for r in csv.DictReader(f):
+            steps, exact = env_steps(r)
+            evals.append(
+                {
+                    "agent_steps": int(r["step"]),
+                    "env_steps": steps,
+                    "env_steps_exact": exact,
+                    "return_mean": round(float(r["return_mean"]), 1),
+                    "return_std": round(float(r["return_std"]), 1),
+                }
+            )
+    within = [e for e in evals if e["env_steps"] <= TARGET_ENV_STEPS]
+    first = next((e for e in evals if e["return_mean"] >= TARGET_RETURN), None)
     return {
         "measured": True,
         "run_dir": str(run_dir),
         "env": cfg["env"],
         "preset": cfg["preset"],
         "seed": cfg["seed"],
-        "env_steps_note": "env steps = agent steps x action_repeat (physics steps; an episode's "
-        "last agent step may take fewer)",
+        "env_steps_note": "physics steps; where env_steps_exact is false, agent steps x "
+        "action_repeat (an upper bound: an episode's last agent step may take fewer)",
         "evals": evals,
         "best_within_target_steps": max((e["return_mean"] for e in within), default=None),
         "first_eval_at_target": first,
@@ -341,10 +354,11 @@ def print_tables(result: dict[str, Any]) -> None:
     learn = result["learning"]
     if learn.get("measured"):
         print(f"\nLearning: {learn['env']} from pixels, {learn['preset']}, seed {learn['seed']}")
-        print(f"{'env steps':>10} {'agent steps':>12} {'eval return':>16}")
+        print(f"{'env steps':>14} {'agent steps':>12} {'eval return':>16}")
         for e in learn["evals"]:
             ret = f"{e['return_mean']:.1f} ± {e['return_std']:.1f}"
-            print(f"{e['env_steps']:>10,} {e['agent_steps']:>12,} {ret:>16}")
+            mark = "" if e["env_steps_exact"] else " (≤)"
+            print(f"{e['env_steps']:>10,}{mark:4} {e['agent_steps']:>12,} {ret:>16}")
         met = "met" if learn["target_met"] else "NOT met"
         print(
             f"target {TARGET_RETURN:.0f} within {TARGET_ENV_STEPS:,} env steps: {met} (best "

@@ -272,6 +272,9 @@ def test_a_launch_whose_bridge_does_not_fit_the_model_is_refused(
 
 
 def test_the_pixel_launch_example_loads(tmp_path: Path, pixel_actor: Path) -> None:
+    # as shipped: the zoo's pixel actor and the bridge's spec fit each other
+    shipped = load_launch(ROOT / "docs" / "launch_pixels.yaml", check_ports=False)
+    assert shipped.bridges[0].pixels is not None
     data = yaml.safe_load((ROOT / "docs" / "launch_pixels.yaml").read_text())
     bridge = from_mapping(LaunchConfig, data).bridges[0]
     assert bridge.pixels is not None and bridge.pixels.to_dict() == PixelSpec().to_dict()

@@ -246,6 +246,7 @@ class Trainer:
                 "return_mean": result.mean,
                 "return_std": result.std,
                 "length_mean": float(np.mean(result.lengths)),
+                "env_steps": float(self.env_steps),  # physics steps (pixels: repeat each)
             },
         )
         self.last_eval = result
