@@ -317,6 +317,12 @@ def test_launch_restarts_a_crashed_bridge(tmp_path: Path) -> None:
         bridges = request(admin, "status", 1.0)["status"]["bridges"]
         return bridges[0]["pid"] if bridges and bridges[0]["state"] == "live" else None
 
+    # The launcher must be past start-up: a bridge that dies while starting fails the launch
+    # (a broken bridge should not be retried at start); the node may already list it as live.
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 60
+    while "bridge(s) running" not in proc.stderr.readline():
+        assert time.monotonic() < deadline and proc.poll() is None, "the launch did not start"
     first = wait_for("the bridge", live_pid)
     os.kill(first, signal.SIGKILL)
     second = wait_for("a restarted bridge", lambda: (p := live_pid()) != first and p)
