@@ -74,6 +74,7 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._machine import cpu_model
 from control_node import protocol as P
 from control_node.admin import AdminError, request
 from control_node.config import BridgeConfig, free_tcp_endpoint
@@ -676,16 +677,6 @@ def round_trips(children: Children, kind: str, args: argparse.Namespace) -> dict
 
 
 # -- report -----------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def targets(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each target: the measured value(s), the threshold and whether it was met (None: the
     scenarios it needs did not run)."""

@@ -67,6 +67,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._machine import cpu_model
 from control_node.admin import AdminError, request
 from control_node.config import free_tcp_endpoint
 from control_node.translog import LogSpec, Transition, TransitionLog
@@ -94,16 +95,6 @@ class BenchError(RuntimeError):
 
 
 # -- small helpers ------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def filesystem_of(path: Path) -> dict[str, str]:
     """The mount (device, mount point, type) holding ``path``: fsync on tmpfs costs nothing."""
     best = {"device": "?", "mount": "/", "type": "?"}

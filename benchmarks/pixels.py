@@ -49,13 +49,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# sim_bridge.pixels sets MUJOCO_GL=egl when unset, at import, before MuJoCo's GL bindings load.
-from sim_bridge.pixels import PixelSpec, render_rate  # noqa: I001
-
 import numpy as np
 import torch
 
+from benchmarks._machine import cpu_model
 from models.pixel_networks import random_shift
+
+# sim_bridge.pixels sets MUJOCO_GL=egl when unset, at import, before MuJoCo's GL bindings load.
+from sim_bridge.pixels import PixelSpec, render_rate
 from training.frame_replay import FrameReplay, format_bytes
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "pixels.json"
@@ -66,16 +67,6 @@ LEARNING_NOTE = (
     "learning run not measured in this run: pass --learn-steps 33334 (100k env steps, about an "
     "hour on 2 CPU cores) or --learning-run RUN_DIR (a finished ddpg train --pixels run)"
 )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def loadavg_1min() -> float | None:

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import training.retrain as rt
+from benchmarks._machine import cpu_model
 from control_node.translog import LogSpec, Transition, TransitionLog
 from training.replay import ReplayBuffer
 
@@ -137,16 +138,6 @@ def time_retrain(
         "retrain_read_s": report["read_s"],
         "retrain_fill_s": report["fill_s"],
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._machine import cpu_model
 from training.config import make_config
 from training.replay import Batch
 from training.trainer import Trainer
@@ -146,16 +147,6 @@ def sb3(env_id: str, preset: str, warmup: int, steps: int, seed: int) -> dict[st
     clock.stop()
     env.close()
     return clock.rates(steps)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
