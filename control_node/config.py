@@ -331,13 +331,12 @@ def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
     return obj
 
 
-def _check_bridge_observations(path: Path, cfg: LaunchConfig) -> None:
-    """Refuse, before anything starts, a bridge whose observations the model cannot take: state
-    for a pixel model, pixels for a state model, or another pixel spec (the node would refuse
-    it at hello, and a launch would wait for it in vain)."""
-    import onnx  # the model's metadata only; the node runs the full checks when it loads it
+def _model_pixels(path: Path, cfg: LaunchConfig) -> dict[str, Any] | None:
+    """The served model's pixel spec (None: a state model), from its metadata only; the node
+    runs the full checks when it loads it."""
+    import onnx
 
-    from models.policy import pixel_differences, pixel_spec_dict, read_metadata
+    from models.policy import pixel_spec_dict, read_metadata
 
     try:
         meta = read_metadata(onnx.load(cfg.node.model, load_external_data=False))
@@ -345,7 +344,15 @@ def _check_bridge_observations(path: Path, cfg: LaunchConfig) -> None:
         raise ConfigError(
             f"{path}: node.model = {cfg.node.model!r}: not an exported actor: {e}"
         ) from None
-    model = pixel_spec_dict(meta)
+    return pixel_spec_dict(meta)
+
+
+def _check_bridge_observations(path: Path, cfg: LaunchConfig, model: dict[str, Any] | None) -> None:
+    """Refuse, before anything starts, a bridge whose observations the model (pixel spec
+    ``model``) cannot take: state for a pixel model, pixels for a state model, or another
+    pixel spec (the node would refuse it at hello, and a launch would wait for it in vain)."""
+    from models.policy import pixel_differences
+
     for i, b in enumerate(cfg.bridges):
         ours = None if b.pixels is None else b.pixels.to_dict()
         diff = pixel_differences(ours, model)
@@ -356,12 +363,10 @@ def _check_bridge_observations(path: Path, cfg: LaunchConfig) -> None:
             )
 
 
-def _check_continual_init(path: Path, cfg: LaunchConfig) -> None:
-    """Refuse a continual init run that sees other observations than the served model: every
-    round would retrain it on logs it cannot read, and fail."""
-    import onnx
-
-    from models.policy import pixel_differences, pixel_spec_dict, read_metadata
+def _check_continual_init(path: Path, cfg: LaunchConfig, model: dict[str, Any] | None) -> None:
+    """Refuse a continual init run that sees other observations than the served model (pixel
+    spec ``model``): every round would retrain it on logs it cannot read, and fail."""
+    from models.policy import pixel_differences
     from training.config import load_config  # YAML and dataclasses only: no torch here
 
     assert cfg.continual.init is not None
@@ -369,8 +374,7 @@ def _check_continual_init(path: Path, cfg: LaunchConfig) -> None:
         spec = load_config(Path(cfg.continual.init) / "config.yaml").pixel_spec()
     except (ConfigError, OSError) as e:
         raise ConfigError(f"{path}: continual.init = {cfg.continual.init!r}: {e}") from None
-    meta = read_metadata(onnx.load(cfg.node.model, load_external_data=False))
-    diff = pixel_differences(None if spec is None else spec.to_dict(), pixel_spec_dict(meta))
+    diff = pixel_differences(None if spec is None else spec.to_dict(), model)
     if diff:
         raise ConfigError(
             f"{path}: continual.init ({cfg.continual.init}) sees other observations than "
@@ -397,7 +401,8 @@ def load_launch(path: Path, check_ports: bool = True) -> LaunchConfig:
     if not model.is_file():
         raise ConfigError(f"{path}: node.model = {cfg.node.model!r}: no such file ({model})")
     cfg.node.model = str(model)
-    _check_bridge_observations(path, cfg)
+    model_pixels = _model_pixels(path, cfg)
+    _check_bridge_observations(path, cfg, model_pixels)
     if cfg.node.log_dir is not None and not Path(cfg.node.log_dir).is_absolute():
         cfg.node.log_dir = str((path.parent / cfg.node.log_dir).resolve())
     cont = cfg.continual
@@ -407,7 +412,7 @@ def load_launch(path: Path, check_ports: bool = True) -> LaunchConfig:
         if not (init / "checkpoint.pt").is_file():
             raise ConfigError(f"{path}: continual.init = {cont.init!r}: no checkpoint.pt in {init}")
         cont.init = str(init)
-        _check_continual_init(path, cfg)
+        _check_continual_init(path, cfg, model_pixels)
     for key in ("bind", "admin") if check_ports else ():
         address = getattr(cfg.node, key)
         if port_in_use(address):
