@@ -19,6 +19,7 @@ from torch import nn
 from models.networks import Actor, Critic
 from models.pixel_networks import PixelActor, PixelCritic, random_shift
 from training.config import TrainConfig
+from training.mlp_update import MlpUpdate
 from training.replay import Batch
 
 
@@ -167,6 +168,10 @@ class _FlatAdam:
     def step(self, grads: Sequence[torch.Tensor]) -> None:
         """One Adam step with ``grads``, the gradients of the flattened module's parameters."""
         torch.cat([g.reshape(-1) for g in grads], out=self.param.grad)
+        self.step_filled()
+
+    def step_filled(self) -> None:
+        """One Adam step with the gradient already written into ``param.grad``."""
         group, state = self.opt.param_groups[0], self.opt.state[self.param]
         beta1, beta2 = group["betas"]
         state["step"] += 1
@@ -263,6 +268,20 @@ class DDPGAgent:
             # Each optimiser sees one flat parameter whose gradient buffer is filled in place.
             self.actor_opt = _FlatAdam(actor_flat[:n_actor], cfg.actor_lr)
             self.critic_opt = _FlatAdam(critic_flat[:n_critic], cfg.critic_lr, cfg.critic_l2)
+        self._mlp: MlpUpdate | None = None
+        if cfg.fast_update and not cfg.pixels and not cfg.compile:
+            assert isinstance(self.actor, Actor) and isinstance(self.critic, Critic)
+            assert isinstance(self.actor_target, Actor) and isinstance(self.critic_target, Critic)
+            assert self.actor_opt.param.grad is not None and self.critic_opt.param.grad is not None
+            self._mlp = MlpUpdate(
+                cfg,
+                self.actor,
+                self.critic,
+                self.actor_target,
+                self.critic_target,
+                self.actor_opt.param.grad,
+                self.critic_opt.param.grad,
+            )
         self.updates = 0
         self._actor_loss = torch.zeros((), device=device)
         self._critic_step = self._critic_loss
@@ -322,13 +341,21 @@ class DDPGAgent:
             batch = batch._replace(
                 obs=random_shift(batch.obs, pad), next_obs=random_shift(batch.next_obs, pad)
             )
-        critic_loss, q_mean = self._critic_step(batch)
-        self.critic_opt.step(torch.autograd.grad(critic_loss, self.critic_params))
+        if self._mlp is not None:
+            critic_loss, q_mean = self._mlp.critic_step(batch)
+            self.critic_opt.step_filled()
+        else:
+            critic_loss, q_mean = self._critic_step(batch)
+            self.critic_opt.step(torch.autograd.grad(critic_loss, self.critic_params))
         self.updates += 1
         if self.updates % self.cfg.policy_delay == 0:
-            actor_loss = self._actor_step(batch.obs)
-            # Gradients for the actor only: the critic's weight gradients are never computed.
-            self.actor_opt.step(torch.autograd.grad(actor_loss, self.actor_params))
+            if self._mlp is not None:
+                actor_loss = self._mlp.actor_step(batch.obs)
+                self.actor_opt.step_filled()
+            else:
+                actor_loss = self._actor_step(batch.obs)
+                # Gradients for the actor only: the critic's weight gradients are not computed.
+                self.actor_opt.step(torch.autograd.grad(actor_loss, self.actor_params))
             self._actor_loss = actor_loss.detach()
             torch._foreach_lerp_(self._soft_pairs[0], self._soft_pairs[1], self.cfg.tau)
         return {"critic_loss": critic_loss.detach(), "actor_loss": self._actor_loss, "q": q_mean}

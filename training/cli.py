@@ -97,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "save_replay",
             "log_every",
             "compile",
+            "fast_update",
             "threads",
         }
         fixed = sorted(set(given) - allowed)
