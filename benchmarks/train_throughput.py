@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,11 @@ class Clock:
         return {"steps_per_s": steps / self.wall, "steps_per_cpu_s": steps / self.cpu}
 
 
-def ours(env: str, preset: str, warmup: int, steps: int, seed: int) -> dict[str, float]:
-    """Our trainer's rates over the ``steps`` updating steps that follow ``warmup`` random ones.
+def ours(
+    env: str, preset: str, warmup: int, steps: int, seed: int, fast_update: bool = True
+) -> dict[str, float]:
+    """Our trainer's rates over the ``steps`` updating steps that follow ``warmup`` random ones;
+    ``fast_update=False``: with autograd's backward passes instead of the hand-written ones.
 
     The clock starts at the first update and stops at the final checkpoint, the first thing
     ``Trainer.run`` does after its loop when evaluation and periodic checkpoints are off.
@@ -83,6 +87,7 @@ def ours(env: str, preset: str, warmup: int, steps: int, seed: int) -> dict[str,
             eval_episodes=0,
             checkpoint_every=0,
             log_every=warmup + steps,
+            fast_update=fast_update,
         )
         trainer = Trainer(cfg, progress=False)
         clock = Clock()
@@ -165,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     systems: dict[str, Callable[[str, str, int, int, int], dict[str, float]]] = {
         "ours": ours,
+        "ours autograd": partial(ours, fast_update=False),
         "sb3": sb3,
     }
 
@@ -176,14 +182,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 r = fn(args.env, preset, args.warmup, args.steps, args.seed)
                 runs[name].append(r)
                 print(
-                    f"  {preset:6} {name:5} {r['steps_per_s']:8.1f} steps/s "
+                    f"  {preset:6} {name:13} {r['steps_per_s']:8.1f} steps/s "
                     f"{r['steps_per_cpu_s']:8.1f} steps/cpu-s",
                     flush=True,
                 )
         base = {k: statistics.median(r[k] for r in runs["sb3"]) for k in KEYS}
         for name, values in runs.items():
             row: dict[str, Any] = {
-                "system": "ours" if name == "ours" else f"sb3 {SB3_ALGO[preset]}",
+                "system": f"sb3 {SB3_ALGO[preset]}" if name == "sb3" else name,
                 "preset": preset,
             }
             for k in KEYS:
@@ -194,11 +200,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append(row)
 
     print(
-        f"\n{'system':10} {'preset':7} {'steps/s':>9} {'vs SB3':>7} {'steps/cpu-s':>12} {'vs SB3':>7}"
+        f"\n{'system':13} {'preset':7} {'steps/s':>9} {'vs SB3':>7} {'steps/cpu-s':>12} {'vs SB3':>7}"
     )
     for r in rows:
         print(
-            f"{r['system']:10} {r['preset']:7} {r['steps_per_s']:9.1f} "
+            f"{r['system']:13} {r['preset']:7} {r['steps_per_s']:9.1f} "
             f"{r['steps_per_s_vs_sb3']:6.2f}x {r['steps_per_cpu_s']:12.1f} "
             f"{r['steps_per_cpu_s_vs_sb3']:6.2f}x"
         )

@@ -122,13 +122,19 @@ class _Members(NamedTuple):
     biases: list[torch.Tensor]
     state_t: list[torch.Tensor]
     """Each layer's state rows, transposed (``[n, out, in]``): for gradients to its input."""
-    action_t: torch.Tensor
-    """The action layer's action rows, transposed: for the gradient to the action."""
+    action_rows: torch.Tensor
+    """The action layer's action rows ``[n, act_dim, out]``: for the gradient to the action."""
 
 
 class _CriticPass:
     """The critic's forward pass over its first ``n`` members, keeping each layer's input and
-    output, and backward passes to its parameters (critic step) or to the action (actor step)."""
+    each hidden layer's output, and backward passes to its parameters (the critic step) or to
+    the action (the actor step).
+
+    The head is one unit wide, and MKL's batched matmul is several times slower with a side
+    of 1 or ``act_dim`` when there are two members: those products are laid out so that the
+    short side is the first (``w^T x^T`` rather than ``x w``).
+    """
 
     def __init__(self, critic: Critic, act_dim: int, flat_grad: torch.Tensor | None) -> None:
         grads = None if flat_grad is None else _grad_views(critic, flat_grad)
@@ -143,7 +149,7 @@ class _CriticPass:
                 [w[:n] for w in weights],
                 [b[:n] for b in biases],
                 [w[:n, :r].transpose(1, 2) for w, r in zip(weights, rows, strict=True)],
-                weights[k][:n, rows[k] :].transpose(1, 2),
+                weights[k][:n, rows[k] :],
             )
             for n in {critic.n_q, 1}
         }
@@ -166,16 +172,24 @@ class _CriticPass:
             x = torch.baddbmm(b, x, w).relu_()
             outputs.append(x)
         inputs.append(x)
-        return torch.baddbmm(m.biases[-1], x, m.weights[-1]).squeeze(-1), inputs, outputs
+        if n == 1:
+            q = torch.baddbmm(m.biases[-1], x, m.weights[-1])  # [1, B, 1]
+        else:
+            q = torch.baddbmm(m.biases[-1], m.state_t[-1], x.transpose(1, 2))  # [n, 1, B]
+        return q.view(n, -1), inputs, outputs
 
+    @staticmethod
+    def _from_head(m: _Members, grad_q: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The gradient at the last hidden layer's output from d(loss)/dQ ``[n, B]``."""
+        return _relu_backward(grad_q.unsqueeze(-1) * m.state_t[-1], outputs[-1], 0)
+
+    @staticmethod
     def _to_hidden(
-        self, m: _Members, i: int, g: torch.Tensor, outputs: list[torch.Tensor]
+        m: _Members, i: int, g: torch.Tensor, outputs: list[torch.Tensor]
     ) -> torch.Tensor:
         """The gradient at hidden layer ``i - 1``'s output from ``g``, the gradient at layer
         ``i``'s (through layer ``i``'s state rows and layer ``i - 1``'s ReLU)."""
-        head = i == len(m.weights) - 1  # one unit wide: an outer product, not a matmul
-        g = g * m.state_t[i] if head else torch.bmm(g, m.state_t[i])
-        return _relu_backward(g, outputs[i - 1], 0)
+        return _relu_backward(torch.bmm(g, m.state_t[i]), outputs[i - 1], 0)
 
     def backward_params(
         self,
@@ -185,9 +199,13 @@ class _CriticPass:
         grad_q: torch.Tensor,
     ) -> None:
         """Parameter gradients of all members, given d(loss)/dQ ``[n, B]``."""
-        m = self.members[grad_q.shape[0]]
-        g = grad_q.unsqueeze(-1)
-        for i in range(len(m.weights) - 1, -1, -1):
+        n, head = grad_q.shape[0], len(self.g_weights) - 1
+        m = self.members[n]
+        g_head = self.g_weights[head].view(n, 1, -1)
+        torch.bmm(grad_q.unsqueeze(1), inputs[head], out=g_head)
+        torch.sum(grad_q, 1, keepdim=True, out=self.g_biases[head].view(n, 1))
+        g = self._from_head(m, grad_q, outputs)
+        for i in range(head - 1, -1, -1):
             torch.bmm(inputs[i].transpose(1, 2), g, out=self.g_weights[i])
             torch.sum(g, 1, keepdim=True, out=self.g_biases[i])
             if i > 0:
@@ -198,10 +216,10 @@ class _CriticPass:
     def backward_action(self, outputs: list[torch.Tensor], grad_q: torch.Tensor) -> torch.Tensor:
         """d(loss)/d(action) ``[B, act_dim]``, given d(loss)/dQ of the first ``n`` members."""
         m = self.members[grad_q.shape[0]]
-        g = grad_q.unsqueeze(-1)
-        for i in range(len(m.weights) - 1, self.action_layer, -1):
+        g = self._from_head(m, grad_q, outputs)
+        for i in range(len(m.weights) - 2, self.action_layer, -1):
             g = self._to_hidden(m, i, g, outputs)
-        return torch.bmm(g, m.action_t).sum(0)
+        return torch.bmm(m.action_rows, g.transpose(1, 2)).sum(0).t()
 
 
 class MlpUpdate:
