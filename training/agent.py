@@ -19,7 +19,7 @@ from torch import nn
 from models.networks import Actor, Critic
 from models.pixel_networks import PixelActor, PixelCritic, random_shift
 from training.config import TrainConfig
-from training.mlp_update import MlpUpdate
+from training.mlp_update import MlpUpdate, smooth_target_action, td_target
 from training.replay import Batch
 
 
@@ -310,21 +310,8 @@ class DDPGAgent:
         cfg = self.cfg
         action = (batch.action - self.actor.action_bias) / self.actor.action_scale
         with torch.no_grad():
-            next_action = self.actor_target.normalized(batch.next_obs)
-            if cfg.policy_noise > 0:
-                noise = torch.randn_like(next_action).mul_(cfg.policy_noise)
-                next_action = next_action.add_(noise.clamp_(-cfg.noise_clip, cfg.noise_clip))
-                next_action = next_action.clamp_(-1.0, 1.0)
-            next_q = self.critic_target(batch.next_obs, next_action).min(dim=0).values
-            if batch.discount is None:
-                # reward + gamma * (1 - terminated) * next_q, in two ops instead of four.
-                target = torch.addcmul(
-                    batch.reward, 1.0 - batch.terminated, next_q, value=cfg.gamma
-                )
-            else:  # n-step: gamma ** steps per sample
-                target = torch.addcmul(
-                    batch.reward, (1.0 - batch.terminated) * batch.discount, next_q
-                )
+            next_action = smooth_target_action(self.actor_target.normalized(batch.next_obs), cfg)
+            target = td_target(batch, self.critic_target(batch.next_obs, next_action), cfg.gamma)
         q = self.critic(batch.obs, action)
         loss = (q - target).pow(2).mean(dim=1).sum()
         return loss, q[0].mean().detach()

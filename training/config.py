@@ -132,8 +132,8 @@ class TrainConfig:
 
     fast_update: bool = True
     """State networks: hand-written backward passes (the same math as autograd, with half the
-    ops; the update's speed on a CPU). Off: autograd, the reference. Pixel networks always use
-    autograd."""
+    ops; the update's speed on a CPU). Off: autograd, the reference. Pixel networks and
+    --compile always use autograd."""
     compile: bool = False
     """torch.compile the update; compiling costs 20-70 s and measured no faster on a 2-core CPU, so off by default."""
     threads: int = 1

@@ -32,6 +32,26 @@ _relu_backward = torch.ops.aten.threshold_backward.default  # (grad, relu output
 _tanh_backward = torch.ops.aten.tanh_backward.default  # (grad, tanh output)
 
 
+def smooth_target_action(next_action: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """TD3's target policy smoothing, in place: clipped Gaussian noise on the target actor's
+    normalised action; unchanged with ``policy_noise`` 0 (DDPG)."""
+    if cfg.policy_noise > 0:
+        noise = torch.randn_like(next_action).mul_(cfg.policy_noise)
+        next_action = next_action.add_(noise.clamp_(-cfg.noise_clip, cfg.noise_clip))
+        next_action = next_action.clamp_(-1.0, 1.0)
+    return next_action
+
+
+def td_target(batch: Batch, next_q: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``reward + discount * (1 - terminated) * next_q``, with the smallest of the critic
+    members' ``next_q`` (``[n, B]``; clipped double Q) and ``discount`` gamma, or the batch's
+    own ``gamma ** steps`` for n-step returns."""
+    next_q = next_q.min(dim=0).values if len(next_q) > 1 else next_q[0]
+    if batch.discount is None:  # two ops instead of four
+        return torch.addcmul(batch.reward, 1.0 - batch.terminated, next_q, value=gamma)
+    return torch.addcmul(batch.reward, (1.0 - batch.terminated) * batch.discount, next_q)
+
+
 def _grad_views(module: nn.Module, flat_grad: torch.Tensor) -> Iterator[torch.Tensor]:
     """Views of ``flat_grad`` shaped like ``module``'s parameters, in their order (the order
     ``agent._flatten`` lays them out in)."""
@@ -248,16 +268,9 @@ class MlpUpdate:
         """Fill the critic's gradient; returns the loss and the first member's mean Q."""
         cfg = self.cfg
         next_action = self.actor_target.forward(batch.next_obs, training=False)[-1]
-        if cfg.policy_noise > 0:
-            noise = torch.randn_like(next_action).mul_(cfg.policy_noise)
-            next_action = next_action.add_(noise.clamp_(-cfg.noise_clip, cfg.noise_clip))
-            next_action = next_action.clamp_(-1.0, 1.0)
+        next_action = smooth_target_action(next_action, cfg)
         next_q = self.critic_target.forward(batch.next_obs, next_action, self.n_q, False)[0]
-        next_q = next_q.min(dim=0).values if self.n_q > 1 else next_q[0]
-        if batch.discount is None:
-            target = torch.addcmul(batch.reward, 1.0 - batch.terminated, next_q, value=cfg.gamma)
-        else:
-            target = torch.addcmul(batch.reward, (1.0 - batch.terminated) * batch.discount, next_q)
+        target = td_target(batch, next_q, cfg.gamma)
 
         action = (batch.action - self.action_bias) / self.action_scale
         q, inputs, outputs = self.critic.forward(batch.obs, action, self.n_q, training=True)
