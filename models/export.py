@@ -4,7 +4,9 @@ The graph takes the raw observation (``obs``, float32, dynamic batch) and return
 the environment's units (``action``): batch-norm observation normalisation, the MLP, tanh and the
 scaling to the Box bounds are all inside it, so no caller has to post-process. The export is
 refused, and nothing is written, unless the ONNX model matches the torch actor on the probe
-observations to ``tolerance`` and passes the same checks the runtime policy makes when it loads.
+observations to ``tolerance`` (or, for an actor whose own float32 evaluation is less exact than
+that, a few times torch's float32 error) and passes the same checks the runtime policy makes
+when it loads.
 
 A :class:`~models.pixel_networks.PixelActor` exports the same way with a uint8 ``obs`` input
 ``(batch, C, H, W)``: the cast and the /255 scaling are inside the graph, the metadata says
@@ -46,6 +48,12 @@ OPSET = 18
 TensorRT have supported it for years)."""
 PARITY_PROBES = 1024
 PARITY_TOLERANCE = 1e-5
+"""The parity bound for an actor whose float32 evaluation is this exact or better."""
+PARITY_FLOAT32_FACTOR = 4.0
+"""The parity bound for any actor: this many times torch's own float32 error on the probes.
+A trained actor's weights and activations grow, and float32's rounding grows with them (a
+HalfCheetah td3 actor at 300k steps: torch float32 7.7e-6 off the exact policy, onnxruntime
+1.5e-5); a broken graph is off by orders of magnitude more."""
 
 
 class ExportError(ValueError):
@@ -57,6 +65,9 @@ class ExportReport:
     path: Path
     model_id: str
     max_abs_diff: float
+    tolerance: float
+    """The bound it was held to: ``tolerance`` or, if larger, PARITY_FLOAT32_FACTOR times
+    torch's own float32 error."""
     probes: int
     nodes: list[str]
     size_bytes: int
@@ -214,10 +225,15 @@ def export_actor(
         diff = float(np.max(np.abs(got - expected) / scale))
         single = float(np.max(np.abs(policy(obs[0]) - expected[0]) / scale))
         diff = max(diff, single)
-        if not diff <= tolerance:  # also catches NaN
+        with torch.no_grad():
+            float32 = module(torch.from_numpy(obs)).numpy()
+        float32_diff = float(np.max(np.abs(float32 - expected) / scale))
+        bound = max(tolerance, PARITY_FLOAT32_FACTOR * float32_diff)
+        if not diff <= bound:  # also catches NaN
             raise ExportError(
                 f"ONNX and torch actors differ by {diff:.3g} (max abs, in units of the action "
-                f"scale) on {probes} probe observations; tolerance {tolerance:g}; nothing written"
+                f"scale) on {probes} probe observations; tolerance {bound:g} (torch float32: "
+                f"{float32_diff:.3g} off the exact policy); nothing written"
             )
         os.replace(tmp, path)
     finally:
@@ -226,6 +242,7 @@ def export_actor(
         path=path,
         model_id=model_id,
         max_abs_diff=diff,
+        tolerance=bound,
         probes=probes,
         nodes=[n.op_type for n in model.graph.node],
         size_bytes=len(data),

@@ -41,7 +41,8 @@ def export_run(
 def _describe(report: ExportReport) -> str:
     return (
         f"exported {report.path} (model id {report.model_id}, {report.size_bytes} bytes); "
-        f"parity max |onnx - torch| = {report.max_abs_diff:.2e} on {report.probes} probes"
+        f"parity max |onnx - torch| = {report.max_abs_diff:.2e} on {report.probes} probes "
+        f"(bound {report.tolerance:.2e})"
     )
 
 
