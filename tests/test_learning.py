@@ -26,11 +26,16 @@ def test_pendulum_reaches_minus_250_within_20k_steps(tmp_path: Path) -> None:
 
 def test_inverted_pendulum_reaches_950_within_30k_steps(tmp_path: Path) -> None:
     # Evaluating every 2,500 steps samples the curve finely; it does not change training.
+    # 1,000 random steps before learning, as the TD3 paper uses for InvertedPendulum (10,000
+    # only for HalfCheetah and Ant): with the default 5,000, seed 0 reached 1,000 between 25k and
+    # 30k steps, and a change in float rounding alone (the hand-written update) moved it past
+    # 30k. With 1,000, seeds 0-3 reached 1,000 at 25k, 30k, 22.5k and 17.5k steps.
     cfg = make_config(
         "td3",
         env="InvertedPendulum-v5",
         steps=30_000,
         seed=0,
+        learning_starts=1_000,
         eval_every=2_500,
         out=str(tmp_path / "run"),
     )
