@@ -49,14 +49,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# sim_bridge.pixels sets MUJOCO_GL=egl when unset, at import, before MuJoCo's GL bindings load.
+from sim_bridge.pixels import PixelSpec, render_rate  # noqa: I001
+
 import numpy as np
 import torch
 
 from benchmarks._machine import cpu_model
 from models.pixel_networks import random_shift
-
-# sim_bridge.pixels sets MUJOCO_GL=egl when unset, at import, before MuJoCo's GL bindings load.
-from sim_bridge.pixels import PixelSpec, render_rate
 from training.frame_replay import FrameReplay, format_bytes
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "pixels.json"
