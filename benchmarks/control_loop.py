@@ -59,13 +59,9 @@ import os
 import platform
 import select
 import shlex
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,231 +70,49 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._harness import (
+    READY_TIMEOUT_S,
+    BenchError,
+    Children,
+    result,
+    serve,
+    tail,
+    with_children,
+)
 from benchmarks._machine import cpu_model
 from control_node import protocol as P
-from control_node.admin import AdminError, request
-from control_node.config import BridgeConfig, free_tcp_endpoint
+from control_node.config import BridgeConfig, NodeConfig, free_tcp_endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "zoo" / "halfcheetah" / "actor.onnx"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "control_loop.json"
 ENV_ID = "HalfCheetah-v5"
 SCENARIOS = ("clock", "realtime", "lockstep", "floor", "naive", "bridges")
-READY_TIMEOUT_S = 60.0
-"""How long the node, the bridges and the round-trip servers get to come up (2 busy cores)."""
 LOCKSTEP_RATE_NOTE = (
     "lockstep answers go out as each observation arrives, not on ticks: the node's tick rate "
     "only adds wake-ups in this scenario"
 )
 
 
-class BenchError(RuntimeError):
-    """A child process failed or did not come up; the message carries its stderr tail."""
-
-
-# -- child processes --------------------------------------------------------------------------
-@dataclass
-class Child:
-    """One child process; stdout and stderr go to files (a full pipe would stall it)."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    out: Path
-    err: Path
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stderr_text(self) -> str:
-        try:
-            return self.err.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = 15) -> str:
-        text = "\n".join(self.stderr_text().splitlines()[-lines:])
-        return f"--- {self.name} stderr (last {lines} lines) ---\n{text}"
-
-    def wait(self, timeout_s: float) -> int:
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            raise BenchError(
-                f"{self.name} still running after {timeout_s:.0f} s\n{self.tail()}"
-            ) from None
-
-    def result(self, timeout_s: float) -> dict[str, Any]:
-        """Wait for the process and parse the JSON object it printed last."""
-        rc = self.wait(timeout_s)
-        text = self.out.read_text(errors="replace")
-        if rc != 0:
-            raise BenchError(f"{self.name} exited with {rc}\n{self.tail()}")
-        return last_json(text, self.name)
-
-
-def last_json(text: str, name: str) -> dict[str, Any]:
-    """The last top-level JSON object in ``text`` (printed with ``indent``, so it starts with a
-    line that is exactly ``{``); anything printed before it is ignored."""
-    lines = text.splitlines()
-    starts = [i for i, line in enumerate(lines) if line.rstrip() == "{"]
-    for i in reversed(starts):
-        try:
-            return json.loads("\n".join(lines[i:]))
-        except json.JSONDecodeError:
-            continue
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise BenchError(f"{name} printed no JSON; stdout ends with {text[-300:]!r}") from None
-
-
-class Children:
-    """Every process this benchmark starts; :meth:`stop_all` ends those still running."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.all: list[Child] = []
-        self.env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
-        self.env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-        )
-
-    def start(self, name: str, argv: Sequence[str]) -> Child:
-        stem = self.tmp / f"{len(self.all):02d}_{name}"
-        out, err = stem.with_suffix(".out"), stem.with_suffix(".err")
-        with out.open("wb") as fo, err.open("wb") as fe:
-            proc = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, cwd=ROOT, env=self.env
-            )
-        child = Child(name, proc, out, err)
-        self.all.append(child)
-        return child
-
-    def stop(self, child: Child, grace_s: float = 5.0) -> None:
-        """SIGTERM (the node and the bridges then stop cleanly), SIGKILL after ``grace_s``."""
-        if child.alive():
-            child.proc.send_signal(signal.SIGTERM)
-            try:
-                child.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
-
-    def stop_all(self, grace_s: float = 5.0) -> None:
-        running = [c for c in self.all if c.alive()]
-        for c in running:
-            c.proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + grace_s
-        for c in running:
-            try:
-                c.proc.wait(max(0.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                c.proc.kill()
-                c.proc.wait()
-
-
 # -- served scenarios (node + bridges) --------------------------------------------------------
-def ddpg(*args: str) -> list[str]:
-    return [sys.executable, "-m", "control_node", *args]
-
-
-def wait_for_admin(node: Child, admin: str, timeout_s: float = READY_TIMEOUT_S) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if not node.alive():
-            raise BenchError(f"the node exited with {node.proc.returncode}\n{node.tail()}")
-        try:
-            request(admin, "status", 0.5)
-            return
-        except AdminError:
-            time.sleep(0.1)
-    raise BenchError(f"the node's admin socket {admin} did not answer in {timeout_s:.0f} s")
-
-
-def window_start(
-    node: Child, bridges: list[Child], admin: str, ids: list[str]
-) -> tuple[dict[str, Any], float]:
-    """Once every bridge has said it is connected (its stderr), one status request to the node
-    (only then, since each costs the node's loop time): the window's first snapshot."""
-    end = time.monotonic() + READY_TIMEOUT_S + 5 * len(bridges)
-    while time.monotonic() < end:
-        for c in [node, *bridges]:
-            if not c.alive():
-                raise BenchError(
-                    f"{c.name} exited ({c.proc.returncode}) before every bridge was connected"
-                    f"\n{c.tail()}"
-                )
-        if all("connected to node" in b.stderr_text() for b in bridges):
-            t0 = time.perf_counter()
-            status = request(admin, "status", 5.0)["status"]
-            took = time.perf_counter() - t0
-            live = {
-                b["id"] for b in status["bridges"] if b["state"] == "live" and b["observations"]
-            }
-            if live >= set(ids):
-                return status, took
-        time.sleep(0.1)
-    raise BenchError(f"not every bridge connected within {READY_TIMEOUT_S:.0f} s")
-
-
 def served(
     children: Children,
     model: Path,
     rate_hz: float,
-    bridge_args: list[list[str]],
+    bridges: list[BridgeConfig],
     seconds: float,
     log_root: Path,
     name: str,
 ) -> dict[str, Any]:
-    """Start a node, wait for its admin socket, start the bridges (``bridge_args``: each
-    bridge's flags after ``--node``), snapshot the node when all are connected and again when
-    the first one exits, wait for them, stop the node and gather every final JSON."""
-    bind, admin = free_tcp_endpoint(), free_tcp_endpoint()
-    while admin == bind:
-        admin = free_tcp_endpoint()
-    log_dir = log_root / name
-    # The node's own --duration is only a safety cap: it is stopped (SIGTERM: a clean stop)
-    # right after its bridges exit.
-    cap = seconds + READY_TIMEOUT_S + 10 * len(bridge_args) + 60
-    flags = {
-        "--model": str(model),
-        "--bind": bind,
-        "--admin": admin,
-        "--rate-hz": f"{rate_hz:g}",
-        "--log-dir": str(log_dir),
-        "--duration": f"{cap:g}",
-    }
-    node = children.start(
-        f"{name}_node", ddpg("serve", *[x for kv in flags.items() for x in kv], "--json")
-    )
-    wait_for_admin(node, admin)
-    ids = [args[args.index("--id") + 1] for args in bridge_args]
-    bridges = [
-        children.start(
-            f"{name}_bridge_{bid}",
-            ddpg("bridge", "--node", bind, *args, "--duration", f"{seconds:g}", "--json"),
-        )
-        for bid, args in zip(ids, bridge_args, strict=True)
-    ]
-    first, first_took = window_start(node, bridges, admin, ids)
-    t_first = time.monotonic()
-    end = t_first + seconds + READY_TIMEOUT_S
-    while all(b.alive() for b in bridges):
-        if time.monotonic() > end:
-            raise BenchError(f"{name}: the bridges ran past --duration by {READY_TIMEOUT_S} s")
-        if not node.alive():
-            raise BenchError(f"{name}: the node exited before its bridges\n{node.tail()}")
-        time.sleep(0.02)
-    last = request(admin, "status", 10.0)["status"]
-    window_s = time.monotonic() - t_first
-    summaries = [b.result(seconds + READY_TIMEOUT_S) for b in bridges]
-    children.stop(node, grace_s=30.0)
-    final = node.result(5.0)
+    """A node at ``rate_hz`` with logging on and ``bridges`` for ``seconds`` (see
+    ``_harness.serve``); every final JSON and the counters over the window."""
+    node = NodeConfig(model=str(model), rate_hz=rate_hz, log_dir=str(log_root / name))
+    run = serve(children, name, node, bridges, seconds)
     return {
-        "node": final,
-        "bridges": summaries,
-        "window": window(first, last, window_s, first_took),
-        "node_stderr_tail": node.stderr_text().splitlines()[-20:],
+        "node": run.node,
+        "bridges": run.bridges,
+        "window": window(run.first, run.last, run.window_s, run.first_took_s),
+        "node_stderr_tail": run.node_stderr_tail,
     }
 
 
@@ -336,9 +150,12 @@ def window(
     }
 
 
-def bridge_flags(bid: str, mode: str, rate_hz: float, seed: int) -> list[str]:
-    flags = ["--env", ENV_ID, "--id", bid, "--mode", mode, "--seed", str(seed)]
-    return flags + (["--rate-hz", f"{rate_hz:g}"] if mode == "realtime" else [])
+def bridge_config(bid: str, mode: str, rate_hz: float, seed: int) -> BridgeConfig:
+    """A HalfCheetah bridge; a lockstep one keeps the default rate (it steps on each action)."""
+    cfg = BridgeConfig(env=ENV_ID, id=bid, mode=mode, seed=seed)
+    if mode == "realtime":
+        cfg.rate_hz = rate_hz
+    return cfg
 
 
 def served_metrics(run: dict[str, Any]) -> dict[str, Any]:
@@ -398,7 +215,7 @@ def role_clock_loop(rate_hz: float, seconds: float) -> dict[str, Any]:
     """The node's clock with nothing else: ``next += period``, ``select`` with no file
     descriptors until the deadline, the node's timer slack, and a passed deadline counted and
     skipped as ``ControlNode.run`` does. Lateness and period go into the node's histograms."""
-    from control_node.node import Samples
+    from control_node.node.stats import Samples
 
     P.set_timer_slack()
     period = round(1e9 / rate_hz)
@@ -456,7 +273,7 @@ def clock_floor(children: Children, args: argparse.Namespace) -> dict[str, Any]:
             f"{args.seconds:g}",
         ],
     )
-    return child.result(args.seconds + READY_TIMEOUT_S)
+    return result(child, args.seconds + READY_TIMEOUT_S)
 
 
 def clock_metrics(run: dict[str, Any]) -> dict[str, Any]:
@@ -669,11 +486,11 @@ def round_trips(children: Children, kind: str, args: argparse.Namespace) -> dict
     )
     try:
         limit = READY_TIMEOUT_S + (args.round_trips + args.warmup_trips) * 0.005 + 30
-        result = client.result(limit)
+        out = result(client, limit)
     except BenchError as e:
-        raise BenchError(f"{e}\n{server.tail()}") from None
-    children.stop(server)
-    return result
+        raise BenchError(f"{e}\n{tail(server)}") from None
+    server.stop(5.0)
+    return out
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -866,10 +683,6 @@ def table(m: dict[str, Any], tgt: dict[str, dict[str, Any]], args: argparse.Name
 
 
 # -- main -------------------------------------------------------------------------------------
-def _raise_exit(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def run_all(args: argparse.Namespace, children: Children, tmp: Path) -> dict[str, Any]:
     raw: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
@@ -881,18 +694,18 @@ def run_all(args: argparse.Namespace, children: Children, tmp: Path) -> dict[str
             run = clock_floor(children, args)
             metrics[name] = clock_metrics(run)
         elif name == "realtime":
-            flags = [bridge_flags("sim0", "realtime", args.rate_hz, args.seed)]
-            run = served(children, args.model, args.rate_hz, flags, args.seconds, tmp, name)
+            cfgs = [bridge_config("sim0", "realtime", args.rate_hz, args.seed)]
+            run = served(children, args.model, args.rate_hz, cfgs, args.seconds, tmp, name)
             metrics[name] = {**served_metrics(run), "bridge_rate_hz": args.rate_hz, "n_bridges": 1}
         elif name == "lockstep":
-            flags = [bridge_flags("lock0", "lockstep", 0, args.seed)]
+            cfgs = [bridge_config("lock0", "lockstep", 0, args.seed)]
             spin_from = "bridge default"
             spin_us = BridgeConfig().spin_us
             if args.bridge_spin_us is not None:
-                flags[0] += ["--spin-us", f"{args.bridge_spin_us:g}"]
+                cfgs[0].spin_us = args.bridge_spin_us
                 spin_from, spin_us = "--bridge-spin-us", args.bridge_spin_us
             node_hz = args.lockstep_node_rate_hz
-            run = served(children, args.model, node_hz, flags, args.lockstep_seconds, tmp, name)
+            run = served(children, args.model, node_hz, cfgs, args.lockstep_seconds, tmp, name)
             run["bridge_spin_us"] = spin_us
             b = run["bridges"][0]
             metrics[name] = {
@@ -914,11 +727,11 @@ def run_all(args: argparse.Namespace, children: Children, tmp: Path) -> dict[str
             run = round_trips(children, name, args)
             metrics[name] = run
         else:
-            flags = [
-                bridge_flags(f"sim{i}", "realtime", args.bridge_rate_hz, args.seed + 1000 * i)
+            cfgs = [
+                bridge_config(f"sim{i}", "realtime", args.bridge_rate_hz, args.seed + 1000 * i)
                 for i in range(args.bridges)
             ]
-            run = served(children, args.model, args.rate_hz, flags, args.seconds, tmp, name)
+            run = served(children, args.model, args.rate_hz, cfgs, args.seconds, tmp, name)
             metrics[name] = {
                 **served_metrics(run),
                 "bridge_rate_hz": args.bridge_rate_hz,
@@ -1029,26 +842,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_exit)
     command = [sys.executable, *sys.argv] if argv is None else [sys.executable, __file__, *argv]
     load_before = os.getloadavg()
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="control_loop_") as tmp_name:
-        tmp = Path(tmp_name)
-        children = Children(tmp)
-        try:
-            results = run_all(args, children, tmp)
-        except BenchError as e:
-            print(f"control_loop: error: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("control_loop: interrupted; stopping child processes", file=sys.stderr)
-            return 130
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
-            children.stop_all()
+    results = with_children("control_loop", lambda children, tmp: run_all(args, children, tmp))
+    if isinstance(results, int):
+        return results
     load_after = os.getloadavg()
 
     metrics = results["metrics"]

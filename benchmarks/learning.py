@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.config import make_config
 from training.metrics import read_csv
-from training.trainer import resume_config, train
+from training.rundir import resume_config
+from training.trainer import train
 
 MILESTONES = (100_000, 300_000, 1_000_000)
 # Published figures at 1M steps (TD3 paper, Table 1): TD3 and the paper's re-tuned "Our DDPG".

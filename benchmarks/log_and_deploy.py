@@ -53,13 +53,9 @@ import json
 import os
 import platform
 import shlex
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +63,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._harness import Children, serve, with_children
 from benchmarks._machine import cpu_model
 from control_node.admin import AdminError, request
-from control_node.config import free_tcp_endpoint
-from control_node.translog import LogSpec, Transition, TransitionLog
+from control_node.config import BridgeConfig, NodeConfig
+from control_node.translog.schema import LogSpec, Transition
+from control_node.translog.writer import TransitionLog
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "zoo" / "halfcheetah" / "actor.onnx"
@@ -78,8 +76,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "log_and_deploy.json
 ENV_ID = "HalfCheetah-v5"
 OBS_DIM, ACT_DIM = 17, 6
 SCENARIOS = ("writer", "tick", "deploy")
-READY_TIMEOUT_S = 60.0
-"""How long a node or a bridge gets to come up (two shared cores)."""
 POOL_BYTES = 64 * 2**20
 """Distinct random observation rows kept for the writer scenario (rows repeat beyond this)."""
 BATCH = 1024
@@ -88,10 +84,6 @@ DEPLOY_LEAD_S = 1.0
 """Connected bridge, then this long before the first deploy."""
 DEPLOY_TAIL_S = 2.0
 """After the last scheduled deploy, the bridge runs this much longer (its first action)."""
-
-
-class BenchError(RuntimeError):
-    """A child process failed or did not come up; the message carries its stderr tail."""
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -128,115 +120,7 @@ def fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-# -- child processes ----------------------------------------------------------------------------
-@dataclass
-class Child:
-    """One child process; stdout and stderr go to files (a full pipe would stall it)."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    out: Path
-    err: Path
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stderr_text(self) -> str:
-        try:
-            return self.err.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = 15) -> str:
-        text = "\n".join(self.stderr_text().splitlines()[-lines:])
-        return f"--- {self.name} stderr (last {lines} lines) ---\n{text}"
-
-    def stop(self, grace_s: float) -> None:
-        """SIGTERM (the node and the bridge then stop cleanly), SIGKILL after ``grace_s``."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def result(self, timeout_s: float) -> dict[str, Any]:
-        """Wait for the process and parse the JSON it printed (``--json``: stdout is only that)."""
-        try:
-            rc = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"{self.name} still running after {timeout_s:.0f} s") from None
-        if rc != 0:
-            raise BenchError(f"{self.name} exited with {rc}\n{self.tail()}")
-        text = self.out.read_text(errors="replace")
-        start = text.find("\n{\n") + 1 if not text.startswith("{") else 0
-        try:
-            return json.loads(text[start:])
-        except json.JSONDecodeError:
-            raise BenchError(f"{self.name} printed no JSON; stdout ends {text[-300:]!r}") from None
-
-
-class Children:
-    """Every process this benchmark starts; :meth:`stop_all` ends those still running."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.all: list[Child] = []
-        self.env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
-        self.env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-        )
-
-    def start(self, name: str, *args: str) -> Child:
-        stem = self.tmp / f"{len(self.all):02d}_{name}"
-        out, err = stem.with_suffix(".out"), stem.with_suffix(".err")
-        argv = [sys.executable, "-m", "control_node", *args]
-        with out.open("wb") as fo, err.open("wb") as fe:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, cwd=ROOT, env=self.env
-            )
-        child = Child(name, proc, out, err)
-        self.all.append(child)
-        return child
-
-    def stop_all(self, grace_s: float = 5.0) -> None:
-        running = [c for c in self.all if c.alive()]
-        for c in running:
-            c.proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + grace_s
-        for c in running:
-            try:
-                c.proc.wait(max(0.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                c.proc.kill()
-                c.proc.wait()
-
-
-def wait_for_admin(node: Child, admin: str) -> None:
-    end = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < end:
-        if not node.alive():
-            raise BenchError(f"{node.name} exited with {node.proc.returncode}\n{node.tail()}")
-        try:
-            request(admin, "status", 0.5)
-            return
-        except AdminError:
-            time.sleep(0.1)
-    raise BenchError(f"{node.name}: admin socket {admin} silent for {READY_TIMEOUT_S:.0f} s")
-
-
-def wait_connected(node: Child, bridge: Child) -> None:
-    end = time.monotonic() + READY_TIMEOUT_S
-    while "connected to node" not in bridge.stderr_text():
-        for c in (node, bridge):
-            if not c.alive():
-                raise BenchError(f"{c.name} exited ({c.proc.returncode}) early\n{c.tail()}")
-        if time.monotonic() > end:
-            raise BenchError(f"{bridge.name} did not connect in {READY_TIMEOUT_S:.0f} s")
-        time.sleep(0.05)
-
-
+# -- a served run -------------------------------------------------------------------------------
 def served(
     children: Children,
     name: str,
@@ -247,59 +131,29 @@ def served(
     seed: int,
     during: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
-    """A node and one realtime HalfCheetah bridge at ``rate_hz``: wait for the node's admin
-    socket, start the bridge for ``bridge_s``, take a status snapshot once it is connected, run
-    ``during(admin)``, wait for the bridge to end, snapshot again, stop the node (SIGTERM: it
-    says goodbye and commits its log) and gather both final JSONs."""
-    bind, admin = free_tcp_endpoint(), free_tcp_endpoint()
-    while admin == bind:
-        admin = free_tcp_endpoint()
-    cap = bridge_s + 2 * READY_TIMEOUT_S + 60  # only a safety cap; stopped after its bridge
-    node = children.start(
-        f"{name}_node",
-        "serve",
-        *("--model", str(model), "--bind", bind, "--admin", admin),
-        *("--rate-hz", f"{rate_hz:g}", "--log-dir", "none" if log_dir is None else str(log_dir)),
-        *("--duration", f"{cap:g}", "--json"),
+    """A node and one realtime HalfCheetah bridge at ``rate_hz`` for ``bridge_s``, running
+    ``during(admin)`` once the bridge is connected (see ``_harness.serve``); both final JSONs
+    and the miss ratio over the window in which the bridge was connected."""
+    node = NodeConfig(
+        model=str(model), rate_hz=rate_hz, log_dir=None if log_dir is None else str(log_dir)
     )
-    wait_for_admin(node, admin)
-    bridge = children.start(
-        f"{name}_bridge",
-        "bridge",
-        *("--node", bind, "--env", ENV_ID, "--id", "sim0", "--mode", "realtime"),
-        *("--rate-hz", f"{rate_hz:g}", "--seed", str(seed), "--duration", f"{bridge_s:g}"),
-        "--json",
-    )
-    wait_connected(node, bridge)
-    first = request(admin, "status", 10.0)["status"]
-    t_first = time.monotonic()
-    extra = during(admin) if during is not None else None
-    end = t_first + bridge_s + READY_TIMEOUT_S
-    while bridge.alive():
-        if time.monotonic() > end:
-            raise BenchError(f"{name}: the bridge ran past its --duration by {READY_TIMEOUT_S} s")
-        if not node.alive():
-            raise BenchError(f"{name}: the node exited before its bridge\n{node.tail()}")
-        time.sleep(0.02)
-    last = request(admin, "status", 10.0)["status"]
-    wall = time.monotonic() - t_first
-    bridge_json = bridge.result(30.0)
-    node.stop(grace_s=30.0)
-    final = node.result(5.0)
+    bridge = BridgeConfig(env=ENV_ID, id="sim0", mode="realtime", rate_hz=rate_hz, seed=seed)
+    run = serve(children, name, node, [bridge], bridge_s, during)
+    first, last = run.first, run.last
     ticks = last["ticks"] - first["ticks"]
     misses = last["deadline_misses"] - first["deadline_misses"]
     return {
-        "node": final,
-        "bridge": bridge_json,
-        "during": extra,
+        "node": run.node,
+        "bridge": run.bridges[0],
+        "during": run.during,
         "window": {
             "seconds": round(last["uptime_s"] - first["uptime_s"], 3),
-            "wall_s": round(wall, 3),
+            "wall_s": round(run.window_s, 3),
             "ticks": ticks,
             "deadline_misses": misses,
             "miss_ratio": misses / (ticks + misses) if ticks + misses else 0.0,
         },
-        "node_stderr_tail": node.stderr_text().splitlines()[-20:],
+        "node_stderr_tail": run.node_stderr_tail,
     }
 
 
@@ -768,10 +622,6 @@ def table(m: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 # -- main ---------------------------------------------------------------------------------------
-def _raise_exit(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _csv(kind: type) -> Callable[[str], list[Any]]:
     return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
@@ -838,31 +688,22 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_exit)
     command = [sys.executable, *sys.argv] if argv is None else [sys.executable, __file__, *argv]
     load_before = os.getloadavg()
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="log_and_deploy_", dir=args.tmp_dir) as tmp_name:
-        tmp = Path(tmp_name)
+
+    def body(children: Children, tmp: Path) -> dict[str, Any]:
         fs = filesystem_of(tmp)
-        children = Children(tmp)
-        try:
-            second = None
-            if "deploy" in args.scenarios:
-                print("exporting the second actor ...", file=sys.stderr, flush=True)
-                second = export_second_actor(tmp)
-            results = run_all(args, children, tmp, second)
-        except BenchError as e:
-            print(f"log_and_deploy: error: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("log_and_deploy: interrupted; stopping child processes", file=sys.stderr)
-            return 130
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
-            children.stop_all()
+        second = None
+        if "deploy" in args.scenarios:
+            print("exporting the second actor ...", file=sys.stderr, flush=True)
+            second = export_second_actor(tmp)
+        return {**run_all(args, children, tmp, second), "log_filesystem": fs}
+
+    results = with_children("log_and_deploy", body, args.tmp_dir)
+    if isinstance(results, int):
+        return results
+    fs = results["log_filesystem"]
     load_after = os.getloadavg()
 
     import onnxruntime

@@ -50,12 +50,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # sim_bridge.pixels sets MUJOCO_GL=egl when unset, at import, before MuJoCo's GL bindings load.
-from sim_bridge.pixels import PixelSpec, render_rate  # noqa: I001
+from sim_bridge.pixels import render_rate  # noqa: I001
 
 import numpy as np
 import torch
 
 from benchmarks._machine import cpu_model
+from models.spec import PixelSpec
 from models.pixel_networks import random_shift
 from training.frame_replay import FrameReplay, format_bytes
 

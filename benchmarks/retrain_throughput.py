@@ -32,7 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import training.retrain as rt
 from benchmarks._machine import cpu_model
-from control_node.translog import LogSpec, Transition, TransitionLog
+from control_node.translog.schema import LogSpec, Transition
+from control_node.translog.writer import TransitionLog
+from training.logged_data import load_transitions
+from training.offline_metrics import discounted_returns
 from training.replay import ReplayBuffer
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "retrain_throughput.json"
@@ -78,12 +81,12 @@ def write_log(directory: Path, rows: int, seed: int) -> float:
 def read_and_fill(directory: Path) -> dict[str, float]:
     """Seconds to read the log into arrays, to fill a replay buffer, and for the returns."""
     t0 = time.perf_counter()
-    data = rt.load_transitions([directory])
+    data = load_transitions([directory])
     t1 = time.perf_counter()
     buffer = ReplayBuffer(len(data), OBS_DIM, ACT_DIM)
     buffer.add_batch(**data.replay_columns())
     t2 = time.perf_counter()
-    returns = rt.discounted_returns(data, 0.99)
+    returns = discounted_returns(data, 0.99)
     t3 = time.perf_counter()
     assert len(returns.rows) == len(data)
     n = len(data)

@@ -15,11 +15,13 @@ import socket
 import textwrap
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from models.spec import PixelSpec
 
 T = TypeVar("T")
 
@@ -74,36 +76,6 @@ class NodeConfig:
 
 
 @dataclass
-class PixelConfig:
-    """Pixel observations of a bridge: what ``sim_bridge.pixels.PixelSpec`` holds, checked by it.
-
-    The served model must have been trained on exactly this spec (its ONNX metadata says which);
-    the node refuses a bridge whose spec differs, and ``ddpg launch`` refuses the file before
-    starting anything."""
-
-    size: int = 64
-    """Square frame side in pixels (16..256), rendered natively by MuJoCo."""
-    stack: int = 3
-    """Frames per observation, oldest first: the observation is (3 * stack, size, size) uint8."""
-    repeat: int = 3
-    """Physics steps per bridge step (action repeat): rate_hz counts bridge steps."""
-    camera: str | int | None = None
-    """MuJoCo camera name or id (-1: the free camera); null keeps the environment's default."""
-
-    def validate(self) -> None:
-        from sim_bridge.pixels import PixelSpec  # imports MuJoCo's stack: only when pixels are used
-
-        try:
-            PixelSpec(**self.to_dict())
-        except ValueError as e:  # "pixel spec: size must be in 16..256, got 8" -> names the key
-            raise ConfigError(str(e).removeprefix("pixel spec: ")) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The spec as ``PixelSpec.to_dict`` writes it (the model metadata's form)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass
 class BridgeConfig:
     """One simulator bridge (``ddpg bridge``)."""
 
@@ -130,7 +102,7 @@ class BridgeConfig:
     max_episode_steps: int = 0
     """Truncate episodes at this length (0: the environment's own time limit). With pixels it
     counts physics steps, as the environment's own limit and the trainer do."""
-    pixels: PixelConfig | None = None
+    pixels: PixelSpec | None = None
     """Observe rendered frames (a mapping: size, stack, repeat, camera) instead of the state;
     null: state observations."""
     restart: str = "on-failure"
@@ -148,11 +120,6 @@ class BridgeConfig:
         if not self.id or not self.id.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"id = {self.id!r}: use letters, digits, '-' and '_'")
         _check_endpoint("node", self.node)
-        if self.pixels is not None:
-            try:
-                self.pixels.validate()
-            except ConfigError as e:
-                raise ConfigError(f"pixels.{e}") from None
 
 
 @dataclass
@@ -166,8 +133,9 @@ class ContinualConfig:
     updates: int = 1000
     """DDPG updates per retraining round."""
     init: str | None = None
-    """Run directory the first round continues from (checkpoint.pt, config.yaml); null starts
-    fresh. Later rounds continue from the last deployed candidate."""
+    """Run directory the first round continues from (checkpoint.pt, config.yaml, and the
+    actor.onnx the launch checks against node.model); null starts fresh. Later rounds continue
+    from the last deployed candidate."""
     eval_episodes: int = 5
     """Episodes of the candidate and of the live actor in the gate's own simulator."""
     eval_seed: int = 20000
@@ -288,8 +256,8 @@ def _coerce(where: str, kind: Any, value: Any) -> Any:
             except ConfigError:
                 continue
         return _coerce(where, options[-1], value)
-    if dataclass_type := (kind if isinstance(kind, type) and hasattr(kind, "validate") else None):
-        return from_mapping(dataclass_type, value, where)
+    if isinstance(kind, type) and is_dataclass(kind):
+        return from_mapping(kind, value, where)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where} = {value!r}: expected a list")
@@ -323,28 +291,35 @@ def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
             values[f.name] = _coerce(f"{prefix}{f.name}", hints[f.name], data[f.name])
         elif f.default is MISSING and f.default_factory is MISSING:
             raise ConfigError(f"{prefix}{f.name}: required key is missing")
-    obj = cls(**values)
     try:
-        obj.validate()  # type: ignore[attr-defined]
+        obj = cls(**values)
+        if hasattr(obj, "validate"):
+            obj.validate()
     except ConfigError as e:
         raise ConfigError(f"{prefix}{e}") from None
+    except ValueError as e:  # a spec of models/ checks itself: "pixel spec: size must be ..."
+        raise ConfigError(f"{prefix}{str(e).partition(': ')[2] or e}") from None
     return obj
+
+
+def _actor_pixels(model: str | Path) -> dict[str, Any] | None:
+    """An exported actor's pixel spec (None: a state actor), from its metadata only."""
+    import onnx
+
+    from models.policy import pixel_spec_dict, read_metadata
+
+    return pixel_spec_dict(read_metadata(onnx.load(model, load_external_data=False)))
 
 
 def _model_pixels(path: Path, cfg: LaunchConfig) -> dict[str, Any] | None:
     """The served model's pixel spec (None: a state model), from its metadata only; the node
     runs the full checks when it loads it."""
-    import onnx
-
-    from models.policy import pixel_spec_dict, read_metadata
-
     try:
-        meta = read_metadata(onnx.load(cfg.node.model, load_external_data=False))
+        return _actor_pixels(cfg.node.model)
     except Exception as e:  # PolicyError, or protobuf's own DecodeError for garbage
         raise ConfigError(
             f"{path}: node.model = {cfg.node.model!r}: not an exported actor: {e}"
         ) from None
-    return pixel_spec_dict(meta)
 
 
 def _check_bridge_observations(path: Path, cfg: LaunchConfig, model: dict[str, Any] | None) -> None:
@@ -365,16 +340,26 @@ def _check_bridge_observations(path: Path, cfg: LaunchConfig, model: dict[str, A
 
 def _check_continual_init(path: Path, cfg: LaunchConfig, model: dict[str, Any] | None) -> None:
     """Refuse a continual init run that sees other observations than the served model (pixel
-    spec ``model``): every round would retrain it on logs it cannot read, and fail."""
-    from models.policy import pixel_differences
-    from training.config import load_config  # YAML and dataclasses only: no torch here
+    spec ``model``): every round would retrain it on logs it cannot read, and fail. The init
+    run's exported actor says what it sees, read as the served model's is (the run's config is
+    the trainer's to read: the continual process checks it when it starts)."""
+    from models.spec import pixel_differences
 
     assert cfg.continual.init is not None
+    init = Path(cfg.continual.init)
+    actor = init / "actor.onnx"
+    if not actor.is_file():
+        raise ConfigError(
+            f"{path}: continual.init = {cfg.continual.init!r}: no actor.onnx in {init}; "
+            f"export it with: ddpg export {init}"
+        )
     try:
-        spec = load_config(Path(cfg.continual.init) / "config.yaml").pixel_spec()
-    except (ConfigError, OSError) as e:
-        raise ConfigError(f"{path}: continual.init = {cfg.continual.init!r}: {e}") from None
-    diff = pixel_differences(None if spec is None else spec.to_dict(), model)
+        init_pixels = _actor_pixels(actor)
+    except Exception as e:  # PolicyError, or protobuf's own DecodeError for garbage
+        raise ConfigError(
+            f"{path}: continual.init = {cfg.continual.init!r}: {actor}: not an exported actor: {e}"
+        ) from None
+    diff = pixel_differences(init_pixels, model)
     if diff:
         raise ConfigError(
             f"{path}: continual.init ({cfg.continual.init}) sees other observations than "

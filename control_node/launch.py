@@ -12,26 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from control_node.admin import AdminError, request
+from control_node.argv import bridge_argv, serve_argv
 from control_node.config import BridgeConfig, ConfigError, LaunchConfig, NodeConfig, load_launch
-from control_node.continual import read_decisions
-from sim_bridge.bridge_cli import NOT_FLAGS, pixel_flags
+from control_node.decisions import read_decisions
+from control_node.processes import Child, NotReady, last_json, wait_for_admin
 
 EXAMPLES = """\
 examples:
   ddpg launch launch.yaml --duration 20             # run the loop for 20 s, print the summary
   ddpg launch launch.yaml --summary-json runs/launch.json
 """
-STOP_TIMEOUT_S = 10.0
 
 
 class LaunchError(RuntimeError):
@@ -56,92 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _flags(cfg: Any, skip: tuple[str, ...] = ()) -> list[str]:
-    """A config dataclass as command-line flags for the process that takes it."""
-    out: list[str] = []
-    for f in fields(cfg):
-        if f.name in skip:
-            continue
-        value = getattr(cfg, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if value is None:
-            if f.name == "log_dir":
-                out += [flag, "none"]
-            continue
-        if isinstance(value, list):
-            value = ",".join(str(v) for v in value)
-        out += [flag, str(value)]
-    return out
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    proc: subprocess.Popen[str] | None = None
-    restarts: int = 0
-    outputs: list[str] = field(default_factory=list)
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdout=subprocess.PIPE,
-            stderr=None,  # the children's log lines go to our stderr
-            text=True,
-            start_new_session=True,
-            env={**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")},
-        )
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM, wait, SIGKILL if it hangs; keep its stdout."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = self.proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate()
-        self.outputs.append(out or "")
-        return self.proc.returncode
-
-    def collect(self) -> None:
-        """Take the output of a process that has exited by itself."""
-        if self.proc is not None:
-            out, _ = self.proc.communicate()
-            self.outputs.append(out or "")
-
-
-def _last_json(text: str) -> dict[str, Any] | None:
-    start = text.find("{")
-    if start < 0:
-        return None
-    try:
-        data = json.loads(text[start:])
-    except json.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
 class Launcher:
     def __init__(self, cfg: LaunchConfig, launch_file: Path, quiet: bool = False) -> None:
         self.cfg, self.quiet = cfg, quiet
-        py = [sys.executable, "-m", "control_node"]
-        self.node = Child("node", [*py, "serve", *_flags(cfg.node), "--json"])
-        self.bridges = [
-            Child(
-                f"bridge {b.id}",
-                [*py, "bridge", *_flags(b, skip=NOT_FLAGS), *pixel_flags(b.pixels), "--json"],
-            )
-            for b in cfg.bridges
-        ]
+        self.node = Child("node", serve_argv(cfg.node, "--json"))
+        self.bridges = [Child(f"bridge {b.id}", bridge_argv(b, "--json")) for b in cfg.bridges]
         self.continual: Child | None = None
         if cfg.continual.enabled:
-            argv = [sys.executable, "-m", "control_node.continual", str(launch_file)]
+            argv = [sys.executable, "-m", "training.continual", str(launch_file)]
             self.continual = Child("continual", argv)
         self._stop = False
 
@@ -181,19 +100,15 @@ class Launcher:
 
     def _start(self) -> None:
         self.node.start()
-        deadline = time.monotonic() + self.cfg.ready_timeout_s
-        while True:  # the node first: its admin socket answers once it is serving
-            if not self.node.alive():
-                raise LaunchError("the node exited while starting (its error is above)")
-            try:
-                self._status()
-                break
-            except AdminError:
-                if time.monotonic() > deadline:
-                    raise LaunchError(
-                        f"the node did not answer on {self.cfg.node.admin} within "
-                        f"{self.cfg.ready_timeout_s:g} s"
-                    ) from None
+        try:  # the node first: its admin socket answers once it is serving
+            wait_for_admin(self.node, self.cfg.node.admin, self.cfg.ready_timeout_s)
+        except NotReady as e:
+            if e.returncode is not None:
+                raise LaunchError("the node exited while starting (its error is above)") from None
+            raise LaunchError(
+                f"the node did not answer on {self.cfg.node.admin} within "
+                f"{self.cfg.ready_timeout_s:g} s"
+            ) from None
         for child in self.bridges:
             child.start()
         self._wait_ready()
@@ -255,7 +170,7 @@ class Launcher:
                 if not self.quiet and time.monotonic() >= next_report:
                     next_report += 5.0
                     try:
-                        from control_node.node import summary_line
+                        from control_node.node.status import summary_line
 
                         self._say(summary_line(self._status()))
                     except AdminError:
@@ -271,20 +186,14 @@ class Launcher:
         for child in self.bridges:
             if child.alive():
                 child.stop()
-            bridge_summaries += [s for s in map(_last_json, child.outputs) if s]
+            bridge_summaries += [s for s in map(last_json, child.outputs) if s]
         if self.node.alive():
             try:
                 request(self.cfg.node.admin, "shutdown", timeout_s=2.0)
             except AdminError:
-                self.node.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-        if self.node.proc is not None:
-            try:
-                out, _ = self.node.proc.communicate(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.node.proc.kill()
-                out, _ = self.node.proc.communicate()
-            self.node.outputs.append(out or "")
-        node = _last_json("".join(self.node.outputs)) or {}
+                self.node.terminate()
+        self.node.reap()
+        node = last_json("".join(self.node.outputs)) or {}
         summary = summarize(self.cfg, node, bridge_summaries, self.bridges, wall_s, error)
         if self.continual is not None:
             summary["continual"] = read_decisions(Path(self.cfg.continual.out_dir), self.started)

@@ -58,7 +58,7 @@ def _pixel_lines(s: dict[str, Any]) -> list[str]:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    """The human view of :func:`control_node.translog.summarize`: a few aligned lines."""
+    """The human view of :func:`control_node.translog.summary.summarize`: a few aligned lines."""
     lines = [f"{'log':<12} {', '.join(s['dirs'])}"]
     if not s["transitions"]:
         lines.append(f"{'':<12} holds no transitions ({s['chunks']} readable chunks)")
@@ -113,7 +113,9 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from control_node.translog import LogError, read_logs, summarize
+    from control_node.translog.reader import read_logs
+    from control_node.translog.schema import LogError
+    from control_node.translog.summary import summarize
 
     def warn(line: str) -> None:
         print(f"ddpg logs: warning: {line}", file=sys.stderr)

@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from control_node.node import ControlNode, NodeError, summary_line
+    from control_node.node.loop import ControlNode, NodeError
+    from control_node.node.status import summary_line
 
     try:
         cfg = node_config_from_args(args)
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: node.request_stop())
     print(
-        f"ddpg serve: serving {node.model_id} ({node.policy.metadata.env_id}) at "
+        f"ddpg serve: serving {node.server.model_id} ({node.server.policy.metadata.env_id}) at "
         f"{cfg.rate_hz:g} Hz on {cfg.bind}, admin {cfg.admin}, log {cfg.log_dir}",
         file=sys.stderr,
         flush=True,

@@ -21,12 +21,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
+
+from models.spec import OBS_DTYPES, PixelSpec, RobotSpec, pixel_differences, pixels_dict
 
 METADATA_FORMAT = 1
 """Version of the metadata layout below; bump it when a field changes meaning or is added."""
@@ -42,15 +44,6 @@ DEFAULT_PROBES = 256
 
 class PolicyError(ValueError):
     """An ONNX actor is unusable or is not what the caller expects; the message says why."""
-
-
-class SpecLike(Protocol):
-    """What the caller expects of a model (``sim_bridge.envs.EnvSpec`` fits)."""
-
-    env_id: str
-    obs_shape: tuple[int, ...]
-    act_low: np.ndarray
-    act_high: np.ndarray
 
 
 # -- metadata ---------------------------------------------------------------------------------
@@ -104,9 +97,14 @@ class ActorMetadata:
     """Seed of the trainer's deterministic evaluation, so ``ddpg eval`` can reproduce it."""
     format_version: int = METADATA_FORMAT
     pixels: str = ""
-    """Pixel models only: the ``sim_bridge.pixels.PixelSpec`` as JSON (size, stack, repeat,
+    """Pixel models only: the ``models.spec.PixelSpec`` as JSON (size, stack, repeat,
     camera). Optional: "" for state models, which write no such field, so their files are
     unchanged and files from before pixel models still load."""
+
+    @property
+    def robot(self) -> RobotSpec:
+        """The robot this actor was exported for: what a bridge's hello and a deploy must match."""
+        return RobotSpec.from_stored(self)
 
     def to_props(self) -> dict[str, str]:
         props: dict[str, str] = {}
@@ -204,8 +202,6 @@ class ActorMetadata:
 
 
 _OPTIONAL_FIELDS = frozenset({"pixels"})
-OBS_DTYPES = {"float32": np.float32, "uint8": np.uint8}
-"""Observation dtypes: float32 for state models, uint8 for pixel models (frames 0..255)."""
 _ONNX_TYPES = {"float32": "tensor(float)", "uint8": "tensor(uint8)"}
 
 
@@ -215,42 +211,16 @@ def pixel_spec_dict(meta: ActorMetadata) -> dict[str, Any] | None:
     return json.loads(meta.pixels) if meta.pixels else None
 
 
-PIXEL_KEYS = ("size", "stack", "repeat", "camera")
-
-
-def pixel_differences(
-    ours: Mapping[str, Any] | None, theirs: Mapping[str, Any] | None
-) -> list[str]:
-    """What differs between two pixel specs (dicts as ``PixelSpec.to_dict`` writes them; None
-    for state observations), as 'key A != B' strings; empty when they match. A missing
-    ``camera`` is the default camera (None)."""
-    if ours is None or theirs is None:
-        if ours is None and theirs is None:
-            return []
-        return [f"pixels {_describe_pixels(ours)} != {_describe_pixels(theirs)}"]
-    keys = [*PIXEL_KEYS, *sorted(set(ours) - set(PIXEL_KEYS), key=str)]
-    keys += sorted(set(theirs) - set(keys), key=str)
-    return [
-        f"{k} {ours.get(k)!r} != {theirs.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)
-    ]
-
-
-def _describe_pixels(spec: Mapping[str, Any] | None) -> str:
-    return "none (state observations)" if spec is None else json.dumps(dict(spec))
-
-
 def _pixel_problems(pixels: str, obs_shape: tuple[int, ...]) -> list[str]:
-    """A uint8 model must name its pixel spec, and the spec must give its observation shape."""
+    """A uint8 model must name its pixel spec, a valid one, and the spec must give its
+    observation shape."""
     if not pixels:
         return ["obs_dtype is 'uint8' but the pixel spec (metadata field 'pixels') is missing"]
     try:
-        spec = json.loads(pixels)
-        size, stack, repeat = (spec[k] for k in ("size", "stack", "repeat"))
-        if not all(isinstance(v, int) and v > 0 for v in (size, stack, repeat)):
-            raise ValueError
-    except (ValueError, TypeError, KeyError):
-        return [f"pixels {pixels!r} is not a JSON pixel spec with size, stack and repeat"]
-    if tuple(obs_shape) != (3 * stack, size, size):
+        spec = PixelSpec.from_dict(json.loads(pixels))
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, not a map, a bad value
+        return [f"pixels {pixels!r} is not a JSON pixel spec with size, stack and repeat ({e})"]
+    if tuple(obs_shape) != spec.obs_shape:
         return [f"obs_shape {obs_shape} does not match the pixel spec {pixels}"]
     return []
 
@@ -328,25 +298,20 @@ def _check_io(session: ort.InferenceSession, meta: ActorMetadata, source: str) -
             )
 
 
-def check_expected(meta: ActorMetadata, expect: SpecLike, source: str) -> None:
-    """Refuse a model exported for another environment (id, observation shape, action bounds).
-
-    ``expect`` may also say ``obs_dtype`` and ``pixels`` (the pixel spec dict, None for state
-    observations), as a bridge's hello and a live model do; then those must match too: two
-    pixel specs of one shape (another action repeat or camera) are different robots."""
+def check_expected(meta: ActorMetadata, expect: RobotSpec, source: str) -> None:
+    """Refuse a model exported for another robot: environment id, observation dtype, pixel
+    spec (two pixel specs of one shape, another action repeat or camera, are different
+    robots), observation shape and action bounds must all be the model's."""
     if meta.env_id != expect.env_id:
         raise PolicyError(
             f"{source}: model was exported for env {meta.env_id!r}, not {expect.env_id!r}"
         )
-    dtype = getattr(expect, "obs_dtype", None)
-    if dtype is not None and dtype != meta.obs_dtype:
+    if expect.obs_dtype != meta.obs_dtype:
         raise PolicyError(
             f"{source}: model observations are {meta.obs_dtype}, env {expect.env_id!r} sends "
-            f"{dtype}"
+            f"{expect.obs_dtype}"
         )
-    if hasattr(expect, "pixels") and (
-        diff := pixel_differences(pixel_spec_dict(meta), expect.pixels)
-    ):
+    if diff := pixel_differences(pixel_spec_dict(meta), pixels_dict(expect.pixels)):
         raise PolicyError(
             f"{source}: model pixel spec differs from the one expected for env "
             f"{expect.env_id!r}: {'; '.join(diff)} (model vs expected)"
@@ -356,8 +321,7 @@ def check_expected(meta: ActorMetadata, expect: SpecLike, source: str) -> None:
             f"{source}: model observations are {meta.obs_shape}, env {expect.env_id!r} has "
             f"{tuple(expect.obs_shape)}"
         )
-    low = np.asarray(expect.act_low, dtype=np.float32)
-    high = np.asarray(expect.act_high, dtype=np.float32)
+    low, high = expect.act_low, expect.act_high
     if low.shape != meta.act_low.shape or not (
         np.array_equal(low, meta.act_low) and np.array_equal(high, meta.act_high)
     ):
@@ -453,7 +417,7 @@ class OnnxPolicy:
     """A checked ONNX actor: ``policy(obs)`` for one observation ``obs_shape`` -> ``(act_dim,)``
     or a batch ``(B, *obs_shape)`` -> ``(B, act_dim)``, in the environment's units.
 
-    ``expect`` (e.g. an ``EnvSpec``) makes loading fail unless the model was exported for that
+    ``expect`` (a ``RobotSpec``) makes loading fail unless the model was exported for that
     environment. ``provider`` is 'cpu' (default; fastest for small MLPs), 'cuda' or 'tensorrt';
     an unavailable one falls back to the CPU with one line on stderr.
     """
@@ -461,7 +425,7 @@ class OnnxPolicy:
     def __init__(
         self,
         path: str | Path,
-        expect: SpecLike | None = None,
+        expect: RobotSpec | None = None,
         provider: str = "cpu",
         threads: int = 1,
         probes: int = DEFAULT_PROBES,

@@ -32,7 +32,7 @@ import zmq
 from control_node import protocol as P
 from control_node.config import BridgeConfig
 from sim_bridge.envs import env_spec, make_env
-from sim_bridge.pixels import PixelSpec, make_pixel_env
+from sim_bridge.pixels import make_pixel_env
 
 HELLO_RETRY_S = 0.25
 HELLO_FAST_RETRY_S = 0.01
@@ -67,13 +67,13 @@ class Bridge:
         kwargs: dict[str, Any] = {}
         if cfg.max_episode_steps:
             kwargs["max_episode_steps"] = cfg.max_episode_steps
-        self.pixels = None if cfg.pixels is None else PixelSpec(**cfg.pixels.to_dict())
+        self.pixels = cfg.pixels
         if self.pixels is None:
             self.env = make_env(cfg.env, **kwargs)
         else:  # uint8 stacked frames, sent as they are: no float conversion, no copy
             self.env = make_pixel_env(cfg.env, self.pixels, **kwargs)
         self.spec = env_spec(cfg.env, self.env)
-        self.obs_dtype = np.dtype(np.float32 if self.pixels is None else np.uint8)
+        self.obs_dtype = np.dtype(self.spec.obs_dtype)
         self.session = os.urandom(8).hex()
         self.safe_action = np.clip(np.zeros(self.spec.act_dim, np.float32), *self._bounds())
         self.ctx = zmq.Context()

@@ -13,7 +13,9 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from control_node.config import BridgeConfig, ConfigError, PixelConfig, field_docs, from_mapping
+from control_node.argv import NOT_FLAGS, PIXEL_FLAGS, PIXELS_FLAG, flag
+from control_node.config import BridgeConfig, ConfigError, field_docs, from_mapping
+from models.spec import PixelSpec
 
 EXAMPLES = """\
 examples:
@@ -21,26 +23,6 @@ examples:
   ddpg bridge --env InvertedPendulum-v5 --mode lockstep --episodes 10 --seed 10000 --json
   ddpg bridge --env InvertedPendulum-v5 --pixels --pixel-size 64 --frame-stack 3 --action-repeat 3
 """
-LAUNCH_ONLY = ("restart", "max_restarts")
-NOT_FLAGS = (*LAUNCH_ONLY, "pixels")  # pixels has flags of its own, one per PixelConfig field
-PIXEL_FLAGS = {
-    "size": "--pixel-size",
-    "stack": "--frame-stack",
-    "repeat": "--action-repeat",
-    "camera": "--camera",
-}
-
-
-def pixel_flags(pixels: PixelConfig | None) -> list[str]:
-    """A bridge's pixel spec as ``ddpg bridge`` flags (the launcher starts bridges with them)."""
-    if pixels is None:
-        return []
-    out = ["--pixels"]
-    for name, flag in PIXEL_FLAGS.items():
-        value = getattr(pixels, name)
-        if value is not None:
-            out += [flag, str(value)]
-    return out
 
 
 def _camera(text: str) -> str | int:
@@ -59,20 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         kind = {float: float, int: int}.get(type(f.default), str)  # type: ignore[arg-type]
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
+            flag(f.name),
             type=kind,
             default=None,
             metavar=f.name.upper(),
             help=f"{docs[f.name]} (default: {f.default})",
         )
     parser.add_argument(
-        "--pixels",
+        PIXELS_FLAG,
         action="store_true",
         help="observe rendered frames instead of the state: uint8 (3 * stack, size, size), "
         "oldest frame first; the model must have been trained on the same spec",
     )
-    pixel_docs = field_docs(PixelConfig)
-    for f in fields(PixelConfig):
+    pixel_docs = field_docs(PixelSpec)
+    for f in fields(PixelSpec):
         parser.add_argument(
             PIXEL_FLAGS[f.name],
             dest=f"pixel_{f.name}",
@@ -96,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     }
     pixels = {
         f.name: getattr(args, f"pixel_{f.name}")
-        for f in fields(PixelConfig)
+        for f in fields(PixelSpec)
         if getattr(args, f"pixel_{f.name}") is not None
     }
     if args.pixels or pixels:

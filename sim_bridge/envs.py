@@ -7,32 +7,14 @@ bridge all make their environments here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import gymnasium as gym
 import numpy as np
+
+from models.spec import PixelSpec, RobotSpec
 
 
 class EnvError(ValueError):
     """The environment id is unknown or its spaces are not usable by DDPG."""
-
-
-@dataclass(frozen=True)
-class EnvSpec:
-    """What a policy needs to know about an environment's spaces."""
-
-    env_id: str
-    obs_shape: tuple[int, ...]
-    act_low: np.ndarray
-    act_high: np.ndarray
-
-    @property
-    def obs_dim(self) -> int:
-        return int(np.prod(self.obs_shape))
-
-    @property
-    def act_dim(self) -> int:
-        return int(self.act_low.size)
 
 
 def make_env(env_id: str, **kwargs: object) -> gym.Env:
@@ -51,7 +33,9 @@ def make_env(env_id: str, **kwargs: object) -> gym.Env:
     return env
 
 
-def env_spec(env_id: str, env: gym.Env) -> EnvSpec:
+def env_spec(env_id: str, env: gym.Env) -> RobotSpec:
+    """The robot spec of ``env``: a pixel pipeline (``sim_bridge.pixels``, the outermost
+    wrapper) sends uint8 frames and names its pixel spec; a state env sends float32."""
     obs, act = env.observation_space, env.action_space
     if not isinstance(act, gym.spaces.Box):
         raise EnvError(
@@ -67,9 +51,12 @@ def env_spec(env_id: str, env: gym.Env) -> EnvSpec:
         raise EnvError(f"environment {env_id!r} has a {act.shape}-shaped action space; need 1-D")
     if not (np.all(np.isfinite(act.low)) and np.all(np.isfinite(act.high))):
         raise EnvError(f"environment {env_id!r} has an unbounded action space; DDPG needs bounds")
-    return EnvSpec(
+    pixels = getattr(env, "pixel_spec", None)
+    return RobotSpec(
         env_id,
         tuple(int(d) for d in obs.shape),
         act.low.astype(np.float32),
         act.high.astype(np.float32),
+        obs_dtype="float32" if pixels is None else "uint8",
+        pixels=pixels if isinstance(pixels, PixelSpec) else None,
     )

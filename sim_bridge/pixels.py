@@ -29,89 +29,15 @@ _default_gl_backend()
 
 import time  # noqa: E402
 from collections.abc import Mapping  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 
+from models.spec import PixelSpec  # noqa: E402
 from sim_bridge.envs import EnvError, make_env  # noqa: E402
 
-MIN_SIZE, MAX_SIZE = 16, 256
-MAX_STACK, MAX_REPEAT = 16, 16
-
 Frame = np.ndarray  # uint8, (3, size, size)
-
-
-@dataclass(frozen=True)
-class PixelSpec:
-    """What a pixel policy was trained on; stored with the exported actor so serving matches.
-
-    ``size``: square frame side in pixels (64 as in the paper, 84 as in DQN/DrQ; 16..256).
-    ``stack``: frames per observation (velocity is not visible in one frame).
-    ``repeat``: physics steps per agent step (action repeat; the action is held).
-    ``camera``: a MuJoCo camera name or id (-1 is the free camera); None keeps the env's default.
-    """
-
-    size: int = 64
-    stack: int = 3
-    repeat: int = 3
-    camera: str | int | None = None
-
-    def __post_init__(self) -> None:
-        # numpy integers are accepted and stored as int, so shapes and metadata stay plain
-        object.__setattr__(self, "size", _check_int("size", self.size, MIN_SIZE, MAX_SIZE))
-        object.__setattr__(self, "stack", _check_int("stack", self.stack, 1, MAX_STACK))
-        object.__setattr__(self, "repeat", _check_int("repeat", self.repeat, 1, MAX_REPEAT))
-        cam = self.camera
-        if cam is None:
-            return
-        if isinstance(cam, str):
-            if not cam:
-                raise ValueError("pixel spec: camera must be a non-empty name, an id, or None")
-        elif isinstance(cam, bool) or not isinstance(cam, int | np.integer):
-            raise ValueError(
-                f"pixel spec: camera must be a name, an id or None, got {type(cam).__name__}"
-            )
-        elif cam < -1:
-            raise ValueError(f"pixel spec: camera id must be >= -1 (free camera), got {cam}")
-        else:
-            object.__setattr__(self, "camera", int(cam))
-
-    @property
-    def obs_shape(self) -> tuple[int, int, int]:
-        """Channel-first stacked frames, oldest first: ``(3 * stack, size, size)``."""
-        return (3 * self.stack, self.size, self.size)
-
-    @property
-    def frame_shape(self) -> tuple[int, int, int]:
-        """One channel-first RGB frame: ``(3, size, size)``."""
-        return (3, self.size, self.size)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.uint8)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types, for checkpoints and ONNX metadata."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PixelSpec:
-        """Inverse of ``to_dict``; an unknown key is an error (a typo must not pass silently)."""
-        known = {"size", "stack", "repeat", "camera"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"pixel spec: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**dict(d))
-
-
-def _check_int(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"pixel spec: {name} must be an integer, got {value!r}")
-    if not lo <= value <= hi:
-        raise ValueError(f"pixel spec: {name} must be in {lo}..{hi}, got {value}")
-    return int(value)
 
 
 def camera_kwargs(camera: str | int | None) -> dict[str, Any]:

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from control_node.config import ConfigError
 from training.agent import DDPGAgent
-from training.config import PRESETS, ConfigError, TrainConfig, load_config, make_config
+from training.config import PRESETS, TrainConfig, load_config, make_config
 from training.replay import ReplayBuffer
 
 OBS, ACT = 5, 2

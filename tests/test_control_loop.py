@@ -33,7 +33,7 @@ from loop_helpers import (
 from control_node import protocol as P
 from control_node.admin import request
 from control_node.config import free_tcp_endpoint
-from control_node.translog import read_logs
+from control_node.translog.reader import read_logs
 from models.policy import OnnxPolicy
 from sim_bridge.envs import make_env
 from training.evaluation import evaluate

@@ -26,10 +26,10 @@ from loop_helpers import (
 )
 from onnx import numpy_helper
 
-from control_node.translog import read_logs
+from control_node.translog.reader import read_logs
 from models.export import export_actor
 from models.networks import Actor
-from training.retrain import load_transitions
+from training.logged_data import load_transitions
 
 LIVE = "2ff52a327c6e434c"
 

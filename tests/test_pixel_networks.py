@@ -13,7 +13,7 @@ import torch
 from models.export import ExportError, ExportReport, export_actor
 from models.pixel_networks import PixelActor, PixelCritic, PixelEncoder, random_shift
 from models.policy import OnnxPolicy, PolicyError, pixel_spec_dict, probe_observations
-from sim_bridge.pixels import PixelSpec
+from models.spec import PixelSpec
 
 META = {
     "env_id": "InvertedPendulum-v5",

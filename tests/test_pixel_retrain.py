@@ -10,10 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from control_node.translog import LogSpec, Transition, TransitionLog, read_pixel_segments
-from sim_bridge.pixels import PixelSpec, make_pixel_env
+from control_node.translog.reader import read_pixel_segments
+from control_node.translog.schema import LogSpec, Transition
+from control_node.translog.writer import TransitionLog
+from models.spec import PixelSpec
+from sim_bridge.pixels import make_pixel_env
 from training.frame_replay import FrameReplay
-from training.retrain import PixelLog, RetrainError, load_logs, retrain
+from training.logged_data import PixelLog, RetrainError, load_logs
+from training.retrain import retrain
 
 ENV_ID = "InvertedPendulum-v5"
 SPEC = PixelSpec(size=16, stack=3, repeat=2)  # small frames: the pipeline is the same

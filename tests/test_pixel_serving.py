@@ -36,20 +36,14 @@ from loop_helpers import (
 from control_node import protocol as P
 from control_node.admin import AdminError, request
 from control_node.config import ConfigError, LaunchConfig, from_mapping, load_launch
-from control_node.translog import (
-    LogError,
-    LogSpec,
-    PixelSegment,
-    Transition,
-    TransitionLog,
-    obs_array,
-    read_logs,
-    read_pixel_segments,
-    summarize,
-)
+from control_node.translog.reader import PixelSegment, obs_array, read_logs, read_pixel_segments
+from control_node.translog.schema import LogError, LogSpec, Transition
+from control_node.translog.summary import summarize
+from control_node.translog.writer import TransitionLog
 from models.export import export_actor
 from models.pixel_networks import PixelActor
-from sim_bridge.pixels import PixelSpec, make_pixel_env
+from models.spec import PixelSpec
+from sim_bridge.pixels import make_pixel_env
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_ID = "InvertedPendulum-v5"

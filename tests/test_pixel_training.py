@@ -13,8 +13,9 @@ import onnx
 import pytest
 import torch
 
+from control_node.config import ConfigError
 from models.policy import OnnxPolicy, pixel_spec_dict
-from training.config import ConfigError, make_config
+from training.config import make_config
 from training.trainer import train
 
 DDPG = [sys.executable, "-m", "control_node"]

@@ -12,8 +12,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+from models.spec import PixelSpec
 from sim_bridge.envs import EnvError, make_env
-from sim_bridge.pixels import PixelObservation, PixelSpec, make_pixel_env, render_rate
+from sim_bridge.pixels import PixelObservation, make_pixel_env, render_rate
 
 PENDULUM = "InvertedPendulum-v5"
 MakePix = Callable[..., PixelObservation]

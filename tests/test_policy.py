@@ -256,10 +256,11 @@ def test_unavailable_gpu_provider_falls_back_with_one_line(
 def test_runtime_policy_never_imports_torch(model_path: Path) -> None:
     code = (
         "import sys, numpy as np\n"
-        "import models, models.policy\n"
+        "import models, models.policy, models.spec\n"
         f"p = models.policy.OnnxPolicy({str(model_path)!r})\n"
-        "p(np.zeros(4)); p(np.zeros((3, 4)))\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "p(np.zeros(4)); p(np.zeros((3, 4))); p.metadata.robot\n"
+        "for heavy in ('torch', 'gymnasium', 'mujoco'):\n"
+        "    assert heavy not in sys.modules, f'{heavy} was imported'\n"
         "print('ok', p.model_id)\n"
     )
     out = subprocess.run(

@@ -16,19 +16,18 @@ import pytest
 import torch
 
 from control_node.cli import main as ddpg_main
-from control_node.translog import LogSpec, Transition, TransitionLog
+from control_node.translog.schema import LogSpec, Transition
+from control_node.translog.writer import TransitionLog
 from models.policy import OnnxPolicy
 from sim_bridge.envs import env_spec, make_env
 from training.agent import DDPGAgent
 from training.config import load_config
+from training.logged_data import LoggedTransitions, RetrainError
 from training.metrics import read_csv
-from training.retrain import (
-    LoggedTransitions,
-    RetrainError,
-    discounted_returns,
-    retrain,
-)
-from training.trainer import Trainer, resume_config
+from training.offline_metrics import discounted_returns
+from training.retrain import retrain
+from training.rundir import resume_config
+from training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "models/zoo/inverted_pendulum"

@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from training.config import ConfigError, make_config
+from control_node.config import ConfigError
+from training.config import make_config
 from training.metrics import read_csv
-from training.trainer import Trainer, resume_config, train
+from training.rundir import resume_config
+from training.trainer import Trainer, train
 
 EVAL_KEYS = {
     "env",

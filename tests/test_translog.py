@@ -21,18 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from control_node.translog import (
-    SCHEMA_VERSION,
-    LogContents,
-    LogError,
-    LogSpec,
-    Transition,
-    TransitionLog,
-    action_array,
-    obs_array,
-    read_logs,
-    summarize,
-)
+from control_node.translog.reader import LogContents, action_array, obs_array, read_logs
+from control_node.translog.schema import SCHEMA_VERSION, LogError, LogSpec, Transition
+from control_node.translog.summary import summarize
+from control_node.translog.writer import TransitionLog
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = LogSpec("Pendulum-v1", (3,), "float32", (-2.0,), (2.0,))
@@ -212,7 +204,8 @@ def test_chunk_commits_by_age_without_flush(tmp_path: Path) -> None:
 CHILD = """
 import sys, time
 import numpy as np
-from control_node.translog import LogSpec, Transition, TransitionLog
+from control_node.translog.schema import LogSpec, Transition
+from control_node.translog.writer import TransitionLog
 
 spec = LogSpec("Pendulum-v1", (3,), "float32", (-2.0,), (2.0,))
 log = TransitionLog(sys.argv[1], spec, chunk_rows=64, chunk_seconds=0.05)
@@ -448,7 +441,8 @@ def test_malformed_rows_are_dropped_not_fatal(tmp_path: Path) -> None:
 def test_writing_imports_neither_torch_nor_pandas(tmp_path: Path) -> None:
     code = (
         "import sys, numpy as np\n"
-        "from control_node.translog import LogSpec, Transition, TransitionLog\n"
+        "from control_node.translog.schema import LogSpec, Transition\n"
+        "from control_node.translog.writer import TransitionLog\n"
         "import control_node.logs_cli\n"
         "spec = LogSpec('Pendulum-v1', (3,), 'float32', (-2.0,), (2.0,))\n"
         "with TransitionLog(sys.argv[1], spec) as log:\n"

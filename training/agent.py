@@ -367,3 +367,12 @@ class DDPGAgent:
         self.actor_opt.load_state_dict(state["actor_opt"])
         self.critic_opt.load_state_dict(state["critic_opt"])
         self.updates = int(state["updates"])
+
+    def use_config_rates(self) -> None:
+        """The config's learning rates and weight decay replace those a loaded optimiser state
+        carried (a retrain may override them), so that what config.yaml says is what runs."""
+        for opt, lr, l2 in (
+            (self.actor_opt, self.cfg.actor_lr, 0.0),
+            (self.critic_opt, self.cfg.critic_lr, self.cfg.critic_l2),
+        ):
+            opt.opt.param_groups[0].update(lr=lr, weight_decay=l2)

@@ -9,10 +9,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from control_node.config import ConfigError
 from training.config import (
     PIXEL_PRESETS,
     PRESETS,
-    ConfigError,
     TrainConfig,
     field_docs,
     load_config,
@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     if args.resume is not None:
-        from training.trainer import resume_config
+        from training.rundir import resume_config
 
         given = {k: v for k, v in overrides.items() if v is not None}
         allowed = {

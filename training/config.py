@@ -2,6 +2,8 @@
 
 Every field has a docstring; :func:`field_docs` reads them from the source so ``ddpg train --help``
 and the docs say the same thing as the code. A preset fills the fields the user did not set.
+A bad value raises :class:`control_node.config.ConfigError`, the stack's one configuration
+error, so code that catches it catches launch-file and trainer-config mistakes alike.
 """
 
 from __future__ import annotations
@@ -10,18 +12,13 @@ import dataclasses
 import functools
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
+from control_node.config import ConfigError
 from control_node.config import field_docs as class_field_docs
-
-if TYPE_CHECKING:
-    from sim_bridge.pixels import PixelSpec
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names it."""
+from models.spec import PixelSpec
 
 
 @dataclass
@@ -214,8 +211,6 @@ class TrainConfig:
         """The observation pipeline's spec for a pixel run; None for a state run."""
         if not self.pixels:
             return None
-        from sim_bridge.pixels import PixelSpec
-
         camera: str | int | None = self.camera or None
         if isinstance(camera, str) and camera.lstrip("-").isdigit():
             camera = int(camera)

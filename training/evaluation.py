@@ -50,3 +50,13 @@ def evaluate(policy: Policy, env: gym.Env, episodes: int, seed: int) -> EvalResu
         result.returns.append(total)
         result.lengths.append(length)
     return result
+
+
+def eval_metrics(result: EvalResult, env_steps: int) -> dict[str, float]:
+    """An evaluation as its ``eval.csv`` row (train and retrain write the same columns)."""
+    return {
+        "return_mean": result.mean,
+        "return_std": result.std,
+        "length_mean": float(np.mean(result.lengths)),
+        "env_steps": float(env_steps),  # physics steps (pixels: repeat each)
+    }

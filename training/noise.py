@@ -6,9 +6,12 @@ restores the exact noise sequence.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 
 class GaussianNoise:
@@ -78,3 +81,13 @@ def make_noise(
     if kind == "ou":
         return OUNoise(act_dim, sigma=sigma, theta=theta, seed=seed)
     raise ValueError(f"unknown noise kind {kind!r}; choose 'gaussian' or 'ou'")
+
+
+def exploration(
+    cfg: TrainConfig, act_dim: int
+) -> tuple[GaussianNoise | OUNoise, np.random.Generator]:
+    """A run's exploration streams, seeded from its seed: the action noise (seed + 1) and the
+    uniform actions before learning starts (seed + 2). A retrain checkpoints them as a new run
+    has them, so ``ddpg train --resume`` of a retrain run explores as a fresh run would."""
+    noise = make_noise(cfg.noise, act_dim, cfg.noise_sigma, cfg.noise_theta, cfg.seed + 1)
+    return noise, np.random.default_rng(cfg.seed + 2)

@@ -86,10 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from control_node.config import ConfigError
     from models.export import ExportError
     from models.policy import PolicyError
     from sim_bridge.envs import EnvError
-    from training.config import ConfigError
     from training.retrain import retrain
 
     def log(line: str) -> None:

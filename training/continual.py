@@ -8,14 +8,15 @@ environment: what a lockstep bridge measures, and bit-identical to it). It deplo
 node's admin socket only if the candidate's mean return is not worse than the live actor's by
 more than ``margin``. Every decision is appended to ``OUT_DIR/decisions.jsonl`` with its figures.
 
-This process imports torch (it trains); it is started by ``ddpg launch`` as its own process, so
-the serving path stays torch-free.
+This process imports torch (it trains); it is started by ``ddpg launch`` as its own process
+(``python -m training.continual LAUNCH.yaml``), so the serving path stays torch-free, and talks to
+the node only as a client of its admin socket. The init run's config is checked at start: a
+malformed one stops this process with one line, before the first round.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 
 from control_node.admin import AdminError, request
 from control_node.config import ConfigError, load_launch
+from control_node.decisions import append_decision
 
 POLL_S = 0.5
 
@@ -37,9 +39,14 @@ class Continual:
             raise ConfigError("continual mode needs node.log_dir: it retrains from the log")
         self.log_dir = Path(cfg.node.log_dir)
         self.out = Path(self.c.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.decisions = self.out / "decisions.jsonl"
         self.init: Path | None = Path(self.c.init) if self.c.init else None
+        if self.init is not None:  # every round would fail on it: say so once, now
+            # Torch and the simulator load here and in _round, after main's os.nice: their
+            # imports are seconds of CPU that the node and the bridges must win.
+            from training.rundir import read_config
+
+            read_config(self.init)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.live_path = Path(cfg.node.model)
         self._stop = False
 
@@ -142,25 +149,15 @@ class Continual:
 
     def _write(self, decision: dict[str, Any], t0: float) -> None:
         decision["seconds"] = round(time.monotonic() - t0, 1)
-        with self.decisions.open("a") as f:
-            f.write(json.dumps(decision) + "\n")
+        append_decision(self.out, decision)
         self._say(
             f"round {decision['round']}: "
             f"{'deployed' if decision['deploy'] else 'kept the live actor'} ({decision['reason']})"
         )
 
 
-def read_decisions(out_dir: Path, since: str | None = None) -> list[dict[str, Any]]:
-    """The decisions in ``out_dir/decisions.jsonl`` (those at or after ``since``, an ISO time)."""
-    path = out_dir / "decisions.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if since is None or r["time"] >= since]
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m control_node.continual", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m training.continual", description=__doc__)
     parser.add_argument("launch_file", type=Path)
     args = parser.parse_args(argv)
     # Training is the batch job here: the node and the bridges must win the CPU when they wake.

@@ -1,0 +1,218 @@
+"""The control node's loop: serves an ONNX actor to any number of bridges on its own clock.
+
+One thread owns the sockets and the policy. Between deadlines it waits in the clock
+(``clock.py``), handling every message as it arrives (``sessions.py``); lockstep bridges are
+answered at once. At each deadline (``next += period``, never ``sleep(period)``) the tick infers
+the newest observation of every live realtime bridge in one batch and sends each its action
+(``serving.py``). A deadline that passes while the node is busy is counted and skipped, never
+caught up. Admin requests and deploys (``deploy.py``) are handled between ticks.
+"""
+
+from __future__ import annotations
+
+import collections
+import select
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from control_node import protocol as P
+from control_node.config import NodeConfig
+from control_node.node.bridges import Link
+from control_node.node.clock import Clock
+from control_node.node.deploy import Admin
+from control_node.node.serving import Server
+from control_node.node.sessions import Sessions
+from control_node.node.stats import Samples
+from control_node.node.status import node_status
+from control_node.translog.schema import LogSpec
+from control_node.translog.writer import TransitionLog
+from models.policy import OnnxPolicy, PolicyError
+
+
+class NodeError(RuntimeError):
+    """The node cannot start (bad model, address in use, ...); the message says why."""
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class ControlNode:
+    """Bind the sockets, load and check the model, open the log; :meth:`run` serves."""
+
+    def __init__(self, cfg: NodeConfig, log: Callable[[str], None] = _stderr) -> None:
+        cfg.validate()
+        self.cfg, self.log = cfg, log
+        try:
+            policy = OnnxPolicy(cfg.model, provider=cfg.provider)
+        except PolicyError as e:
+            raise NodeError(str(e)) from None
+        safe = np.zeros(policy.act_dim) if cfg.safe_action is None else cfg.safe_action
+        safe = np.asarray(safe, dtype=np.float32)
+        if safe.shape != (policy.act_dim,):
+            raise NodeError(
+                f"safe_action has {safe.size} values; the model's actions have {policy.act_dim}"
+            )
+        meta = policy.metadata
+        safe = np.clip(safe, meta.act_low, meta.act_high).astype(np.float32)
+        P.set_timer_slack()
+        # The log writer and a deploy's loader are threads: make them hand the GIL back to the
+        # loop within 0.1 ms of its asking (Python's default is 5 ms, five 1 kHz periods).
+        sys.setswitchinterval(1e-4)
+
+        self.ctx = zmq.Context()
+        self.sock = self._bind(zmq.ROUTER, cfg.bind, "bind")
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises, not vanishes
+        self.admin_sock = self._bind(zmq.ROUTER, cfg.admin, "admin")
+        rejected: collections.Counter[str] = collections.Counter()  # sessions' and serving's
+        self.link = Link(self.sock)
+        self.server = Server(policy, safe, self.link, rejected)
+        self.admin = Admin(cfg, self.admin_sock, self.server, self, log)
+        self.translog: TransitionLog | None = None
+        if cfg.log_dir is not None:
+            try:
+                self.translog = TransitionLog(
+                    Path(cfg.log_dir), LogSpec.of(meta.robot), cfg.chunk_seconds
+                )
+            except (OSError, ValueError) as e:
+                self.close()
+                raise NodeError(f"log_dir {cfg.log_dir!r}: {e}") from None
+        self.sessions = Sessions(cfg, self.link, self.server, self, self.translog, rejected, log)
+        fds = [self.sock.getsockopt(zmq.FD), self.admin_sock.getsockopt(zmq.FD)]
+        self.clock = Clock(cfg, [*fds, self.admin.wake_r], self._drain)
+        # the hot path's callees, looked up once
+        self._on_message, self._on_request = self.sessions.on_message, self.admin.on_request
+        self._loaded = self.admin.loaded
+        self._lock_hz = 0.5 * cfg.rate_hz  # bridges at least this fast set the tick phase
+
+        self.state = "ready"
+        self.started_ns = P.now_ns()
+        self.ticks = 0
+        self.deadline_misses = 0
+        self.tick_work = Samples()  # tick start -> last action sent
+        self.tick_late = Samples()  # tick start - deadline
+        self.tick_period = Samples()  # tick start - previous tick start
+        self._last_tick_ns = 0
+
+    def _bind(self, kind: int, address: str, key: str) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as e:
+            sock.close()
+            self.ctx.term()
+            raise NodeError(f"cannot bind {key} {address}: {e.strerror}") from None
+        return sock
+
+    def request_stop(self) -> None:
+        """Safe from a signal handler: the loop stops at its next wake-up (within one period)."""
+        self.clock.stopped = True
+
+    def status(self) -> dict[str, Any]:
+        return node_status(self)
+
+    # -- the hot path ---------------------------------------------------------------------------
+    def run(self, duration_s: float | None = None) -> dict[str, Any]:
+        """Serve until :meth:`request_stop`, an admin shutdown or ``duration_s``; then say goodbye
+        to the bridges, commit the log and return the final status."""
+        clock = self.clock
+        period = clock.period_ns
+        start = P.now_ns()
+        end = start + round(duration_s * 1e9) if duration_s else None
+        next_tick = start + period
+        self.state = "running"
+        self.started_ns = start
+        while not clock.stopped:
+            clock.wait(next_tick)  # handles messages as they come, until the deadline
+            t_tick = P.now_ns()
+            self.tick_late.add(t_tick - next_tick)
+            if self._last_tick_ns:
+                self.tick_period.add(t_tick - self._last_tick_ns)
+            correction = self._tick(t_tick)
+            next_tick += period + correction
+            now = P.now_ns()
+            if now > next_tick:  # this tick overran one or more deadlines: skip them
+                missed = (now - next_tick) // period + 1
+                self.deadline_misses += missed
+                next_tick += missed * period
+            if end is not None and now >= end:
+                break
+        return self.shutdown()
+
+    def _drain(self) -> None:
+        """Receive everything queued on both sockets (this also re-arms their edge-triggered
+        file descriptors, which is why it runs before every select); swap in a loaded deploy."""
+        sock, admin_sock, loaded = self.sock, self.admin_sock, self._loaded
+        while True:
+            busy = False
+            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+                self._on_message(frames[0], frames[1:], P.now_ns())
+                busy = True
+            if admin_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                frames = admin_sock.recv_multipart(zmq.NOBLOCK)
+                self._on_request(frames[0], frames[-1])
+                busy = True
+            if not loaded.empty():
+                self.admin.finish_deploy()
+                busy = True
+            if not busy:
+                return
+
+    def _tick(self, t_tick: int) -> int:
+        """Answer the newest observation of every live realtime bridge; watch for silence.
+        Returns the phase correction (ns) for the next deadline."""
+        self.ticks += 1
+        ready = self.sessions.ready(t_tick)
+        correction = 0
+        if ready:
+            errors = []
+            for b in ready:
+                if b.pending_recv_ns >= self._last_tick_ns:
+                    b.fresh += 1
+                if b.rate_hz >= self._lock_hz:
+                    errors.append(t_tick - b.pending_recv_ns)
+            msgs = [b.pending for b in ready]
+            self.server.answer(ready, msgs, [b.pending_recv_ns for b in ready])  # type: ignore[arg-type]
+            for b in ready:
+                b.pending = None
+            if errors:
+                correction = self.clock.phase_correction(max(errors))
+            self.tick_work.add(P.now_ns() - t_tick)
+        self._last_tick_ns = t_tick
+        return correction
+
+    # -- stopping -------------------------------------------------------------------------------
+    def shutdown(self, grace_s: float = 1.0) -> dict[str, Any]:
+        """Say goodbye to live bridges, take in what they sent before they heard it (a bridge
+        answers bye with its own, after its last observation), commit the log."""
+        self.state = "stopping"
+        live = self.sessions.say_goodbye()
+        end = P.now_ns() + round(grace_s * 1e9)
+        self.clock.stopped = False
+        while any(not b.gone and not b.stale for b in live) and P.now_ns() < end:
+            self._drain()
+            select.select(self.clock.fds, [], [], 0.005)
+        self._drain()
+        if self.translog is not None:
+            self.translog.close()
+        self.state = "stopped"
+        final = self.status()
+        self.close()
+        return final
+
+    def close(self) -> None:
+        if self.translog is not None:
+            self.translog.close()
+        self.admin.close()
+        for sock in (self.sock, self.admin_sock):
+            if not sock.closed:
+                sock.close(linger=0)
+        self.ctx.term()

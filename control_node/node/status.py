@@ -1,0 +1,138 @@
+"""What ``ddpg status`` (and a stopping ``ddpg serve``) reports: one map read from every part
+of the node, and the one-line summary of it."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Protocol
+
+import numpy as np
+
+from control_node import protocol as P
+from control_node.config import NodeConfig
+from control_node.node.bridges import BridgeState, Link
+from control_node.node.deploy import Admin
+from control_node.node.serving import Server
+from control_node.node.sessions import Sessions
+from control_node.node.stats import Samples
+
+
+class NodeParts(Protocol):
+    """What status reads of the loop: its own counters and its parts."""
+
+    cfg: NodeConfig
+    state: str
+    started_ns: int
+    ticks: int
+    deadline_misses: int
+    tick_work: Samples
+    tick_late: Samples
+    tick_period: Samples
+    link: Link
+    sessions: Sessions
+    server: Server
+    admin: Admin
+
+
+def node_status(node: NodeParts) -> dict[str, Any]:
+    cfg, sessions, server, admin = node.cfg, node.sessions, node.server, node.admin
+    bridges = sessions.bridges
+    now = P.now_ns()
+    uptime = (now - node.started_ns) / 1e9
+    all_ticks = node.ticks + node.deadline_misses
+    observations = sum(b.observations for b in bridges.values())
+    fresh = sum(b.fresh for b in bridges.values())
+    on_time = sum(b.on_time for b in bridges.values())
+    transitions = sum(b.transitions for b in bridges.values())
+    log = sessions.translog
+    returns = [r for rs in sessions.returns_by_model.values() for r in rs]
+    return {
+        "state": node.state,
+        "pid": os.getpid(),
+        "model_id": server.model_id,
+        "model_ids": sorted(server.model_ids),
+        "model": str(cfg.model),
+        "env_id": server.policy.metadata.env_id,
+        "rate_hz": cfg.rate_hz,
+        "uptime_s": round(uptime, 3),
+        "ticks": node.ticks,
+        "deadline_misses": node.deadline_misses,
+        "miss_ratio": node.deadline_misses / all_ticks if all_ticks else 0.0,
+        "achieved_rate_hz": round(node.ticks / uptime, 2) if uptime > 0 else 0.0,
+        "rejected_messages": sum(sessions.rejected.values()),
+        "rejected_by_code": dict(sessions.rejected),
+        "last_rejections": list(sessions.last_rejections),
+        "safe_actions": server.safe_actions,
+        "non_finite_observations": server.non_finite_obs,
+        "stale_events": node.link.stale_events,
+        "latency_us": server.latency.summary_us(),
+        "obs_age_us": server.obs_age.summary_us(),
+        "tick_work_us": node.tick_work.summary_us(),
+        "tick_lateness_us": node.tick_late.summary_us(),
+        "tick_period_us": node.tick_period.summary_us(),
+        "log_handoff_us": sessions.log_handoff.summary_us(),
+        "fresh_ratio": fresh / observations if observations else 0.0,
+        "on_time_ratio": on_time / transitions if transitions else 0.0,
+        "transitions_logged": log.transitions_committed if log else 0,
+        "transitions_seen": transitions,
+        "log": None
+        if log is None
+        else {
+            "dir": str(cfg.log_dir),
+            "appended": log.transitions_appended,
+            "committed": log.transitions_committed,
+            "chunks": log.chunks_committed,
+            "bytes": log.bytes_committed,
+            "write_errors": log.write_errors,
+            "last_error": log.last_error,
+        },
+        "episodes": sessions.episodes,
+        "mean_return": float(np.mean(returns)) if returns else None,
+        "returns_by_model": {
+            m: {"episodes": len(r), "mean": float(np.mean(r)), "std": float(np.std(r))}
+            for m, r in sessions.returns_by_model.items()
+        },
+        "recent_episodes": list(sessions.episode_log)[-10:],
+        "previous_model_id": admin.previous.model_id if admin.previous else None,
+        "shadow": None
+        if server.shadow is None
+        else {"model_id": server.shadow.model_id, **server.shadow_stats.summary()},
+        "deploys": [{k: v for k, v in d.items() if k != "t_request"} for d in admin.deploys],
+        "bridges": [_bridge_status(b, now) for b in bridges.values()],
+        "endpoints": {"bind": cfg.bind, "admin": cfg.admin},
+    }
+
+
+def _bridge_status(b: BridgeState, now: int) -> dict[str, Any]:
+    return {
+        "id": b.bridge_id,
+        "mode": b.mode,
+        "rate_hz": b.rate_hz,
+        "pid": b.pid,
+        "state": "gone" if b.gone else "stale" if b.stale else "live",
+        "silent_ms": round((now - b.last_seen_ns) / 1e6, 1),
+        "episode": b.episode,
+        "episodes": b.episodes,
+        "last_return": b.last_return,
+        "observations": b.observations,
+        "answered": b.answered,
+        "fresh": b.fresh,
+        "superseded": b.superseded,
+        "transitions": b.transitions,
+        "on_time": b.on_time,
+        "gaps": b.gaps,
+        "reported_sent": b.reported_sent,
+    }
+
+
+def summary_line(status: dict[str, Any]) -> str:
+    lat = status["latency_us"]
+    mean = status["mean_return"]
+    return (
+        f"ticks {status['ticks']}  misses {status['deadline_misses']} "
+        f"({100 * status['miss_ratio']:.3f}%)  latency p50 {lat['p50']:.0f} us p99 "
+        f"{lat['p99']:.0f} us  episodes {status['episodes']}  mean return "
+        f"{'-' if mean is None or math.isnan(mean) else f'{mean:.1f}'}  logged "
+        f"{status['transitions_logged']}"
+    )
