@@ -35,7 +35,7 @@ def _flag(name: str) -> str:
 
 def _default_text(name: str) -> str:
     """The default as help text: one value, or one per preset where the presets differ."""
-    base = getattr(TrainConfig(), name)
+    base = next(f.default for f in fields(TrainConfig) if f.name == name)  # as declared
     per_preset = {p: values.get(name, base) for p, values in PRESETS.items() if p != "drq"}
     for p, values in PIXEL_PRESETS.items():
         per_preset[f"{p} --pixels"] = values.get(name, PRESETS[p].get(name, base))
