@@ -116,9 +116,12 @@ def test_presets_match_the_papers() -> None:
     assert (paper.noise, paper.noise_sigma, paper.noise_theta) == ("ou", 0.2, 0.15)
     assert paper.batch_norm and paper.final_init == 3e-3 and paper.critic_action_layer == 1
     assert not paper.twin_q and paper.policy_noise == 0 and paper.policy_delay == 1
-    td3 = make_config("td3")
-    assert td3.actor_hidden == td3.critic_hidden == (256, 256)
-    assert (td3.actor_lr, td3.critic_lr, td3.batch_size, td3.tau) == (3e-4, 3e-4, 256, 5e-3)
+    td3 = make_config("td3")  # the TD3 paper's setting, the code behind its published curves
+    assert td3.actor_hidden == td3.critic_hidden == (400, 300)
+    assert (td3.actor_lr, td3.critic_lr, td3.batch_size, td3.tau) == (1e-3, 1e-3, 100, 5e-3)
+    assert td3.learning_starts == 10_000 == make_config("td3", env="Ant-v5").learning_starts
+    assert make_config("td3", env="Hopper-v5").learning_starts == 1_000
+    assert paper.learning_starts == 5_000
     assert (td3.noise, td3.noise_sigma) == ("gaussian", 0.1)
     assert td3.twin_q and (td3.policy_noise, td3.noise_clip, td3.policy_delay) == (0.2, 0.5, 2)
     assert set(PRESETS) == {"paper", "td3", "drq"}  # drq: pixels only

@@ -265,7 +265,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 # With --pixels a preset also takes these values: the paper's pixel networks and batch, and
 # pixel-only presets (DrQ-v2's additions on TD3's learner, sized for a CPU).
 PIXEL_PRESETS: dict[str, dict[str, Any]] = {
-    "td3": {"actor_hidden": (200, 200), "critic_hidden": (200, 200), "learning_starts": 1_000},
+    "td3": {  # the TD3 learner from pixels as it was measured (the paper has no pixel setting)
+        "actor_hidden": (200, 200),
+        "critic_hidden": (200, 200),
+        "actor_lr": 3e-4,
+        "critic_lr": 3e-4,
+        "batch_size": 256,
+        "learning_starts": 1_000,
+    },
     "paper": {
         "actor_hidden": (200, 200),
         "critic_hidden": (200, 200),
