@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from control_node.admin import AdminError, add_address_arguments, admin_address, request
+from control_node.realtime import describe
 
 EXAMPLES = """\
 examples:
@@ -59,6 +60,8 @@ def render(s: dict[str, Any]) -> str:
         f"episodes {s['episodes']}  mean return "
         + ("-" if s["mean_return"] is None else f"{s['mean_return']:.1f}"),
     ]
+    if s.get("realtime"):
+        lines.append(f"real-time {describe(s['realtime'])}")
     for model, r in s["returns_by_model"].items():
         lines.append(
             f"  model {model}: {r['episodes']} episodes, return {r['mean']:.1f} ± {r['std']:.1f}"

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("control_node.logs_cli", "summarise a transition log directory"),
     "retrain": ("training.retrain_cli", "continue DDPG from logged transitions; export the actor"),
     "deploy": ("control_node.deploy_cli", "hot-swap a new actor into a running node"),
+    "doctor": ("control_node.doctor", "what this machine allows for real-time control"),
 }
 
 

@@ -15,7 +15,7 @@ import socket
 import textwrap
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +28,50 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value or file is wrong; the message names the key."""
+
+
+SCHED_POLICIES = ("fifo", "rr", "other")
+GC_POLICIES = ("freeze", "default")
+CPU_CHOICES = ("auto", "all")
+MAX_RT_PRIORITY = 80
+
+
+@dataclass
+class RealtimeConfig:
+    """Real-time settings of one process (``node.realtime``, ``bridges[].realtime``); applied
+    at start-up by ``control_node/realtime.py``, which says in one line what it could not set."""
+
+    sched_policy: str = "fifo"
+    """Scheduling policy of the loop thread (and ZeroMQ's I/O thread): fifo, rr or other (the
+    default time-sharing scheduler). fifo needs CAP_SYS_NICE or an rtprio limit."""
+    sched_priority: int = 50
+    """Real-time priority (1..80) with fifo or rr; the node 50 as ros2_control uses, bridges
+    40; ignored with other. Kept below the kernel's own real-time threads (99)."""
+    lock_memory: bool = True
+    """Lock every page of the process in RAM (mlockall current and future), so the loop never
+    waits for a page fault; needs CAP_IPC_LOCK or an unlimited memlock limit."""
+    cpus: str | list[int] = "auto"
+    """CPUs to run on: a list, all (no pinning), or auto: the launcher keeps the node and the
+    bridges on separate CPUs when there are at least two (a lone process: no pinning)."""
+    gc: str = "freeze"
+    """Garbage collector: freeze (after start-up, freeze what exists; the node then collects
+    only in its loop's slack before a deadline, a bridge as usual) or default (Python's own)."""
+
+    def validate(self) -> None:
+        if self.sched_policy not in SCHED_POLICIES:
+            raise ConfigError(f"sched_policy = {self.sched_policy!r}: choose fifo, rr or other")
+        if not 1 <= self.sched_priority <= MAX_RT_PRIORITY:
+            raise ConfigError(
+                f"sched_priority = {self.sched_priority}: must be in 1..{MAX_RT_PRIORITY} "
+                "(below the kernel's own real-time threads)"
+            )
+        if isinstance(self.cpus, str):
+            if self.cpus not in CPU_CHOICES:
+                raise ConfigError(f"cpus = {self.cpus!r}: a list of CPU numbers, auto or all")
+        elif not self.cpus or any(c < 0 for c in self.cpus):
+            raise ConfigError(f"cpus = {self.cpus!r}: a non-empty list of CPU numbers >= 0")
+        if self.gc not in GC_POLICIES:
+            raise ConfigError(f"gc = {self.gc!r}: choose freeze or default")
 
 
 @dataclass
@@ -43,7 +87,8 @@ class NodeConfig:
     rate_hz: float = 100.0
     """Control rate: ticks per second, each on an absolute deadline."""
     watchdog_ms: float = 100.0
-    """A bridge silent for longer is marked stale (it resumes when it speaks again)."""
+    """A bridge silent for longer (a realtime bridge slower than that: for two of its steps) is
+    marked stale (it resumes when it speaks again)."""
     safe_action: list[float] | None = None
     """Action sent for a non-finite observation; null means zeros, clipped to the bounds."""
     log_dir: str | None = "logs"
@@ -56,8 +101,11 @@ class NodeConfig:
     """Busy-wait this long before each deadline instead of sleeping (trades CPU for jitter)."""
     provider: str = "cpu"
     """onnxruntime execution provider: cpu, cuda or tensorrt."""
+    realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
+    """Real-time scheduling, locked memory, CPUs and garbage collection (see below)."""
 
     def validate(self) -> None:
+        self.realtime.validate()
         _positive(self, "rate_hz", "watchdog_ms", "chunk_seconds")
         _non_negative(self, "phase_margin_us", "spin_us")
         if self.rate_hz > 10_000:
@@ -87,11 +135,17 @@ class BridgeConfig:
     """The node's bridge endpoint."""
     mode: str = "realtime"
     """realtime: physics steps on the bridge's own clock; lockstep: waits for each action."""
-    rate_hz: float = 100.0
-    """Realtime only: environment steps per second of wall time."""
+    rate_hz: float | None = None
+    """Realtime only: a fixed number of bridge steps per second of wall time, whatever the
+    environment's dt. Unset (null): the environment's own rate, 1/dt (with pixels
+    1/(dt * repeat)) times real_time_factor, so simulated time runs at wall-clock speed."""
+    real_time_factor: float = 1.0
+    """Realtime, with rate_hz null: simulated seconds per wall-clock second (2.0 steps twice
+    as fast as real time, 0.5 half as fast)."""
     watchdog_ms: float = 100.0
-    """Realtime: hold the last action this long, then apply the safe action. Lockstep: wait
-    this long for an answer before re-announcing to the node."""
+    """Realtime: hold the last action this long, then apply the safe action (an action that
+    came since the last step is always applied). Lockstep: wait this long for an answer before
+    re-announcing to the node."""
     spin_us: float = 2000.0
     """Lockstep: busy-poll this long for each answer before sleeping; the answer usually comes
     within it, which saves a process wake-up per step (a core's worth of CPU while it runs)."""
@@ -109,13 +163,26 @@ class BridgeConfig:
     """Launch only: restart policy when the bridge process dies: never, on-failure, always."""
     max_restarts: int = 3
     """Launch only: give up restarting after this many restarts."""
+    realtime: RealtimeConfig = field(default_factory=lambda: RealtimeConfig(sched_priority=40))
+    """Real-time settings as the node's, but priority 40: below the node, which answers it."""
 
     def validate(self) -> None:
+        self.realtime.validate()
         if self.mode not in ("realtime", "lockstep"):
             raise ConfigError(f"mode = {self.mode!r}: choose realtime or lockstep")
         if self.restart not in ("never", "on-failure", "always"):
             raise ConfigError(f"restart = {self.restart!r}: choose never, on-failure or always")
-        _positive(self, "rate_hz", "watchdog_ms")
+        _positive(self, "watchdog_ms", "real_time_factor")
+        if self.rate_hz is not None and not self.rate_hz > 0:
+            raise ConfigError(
+                f"rate_hz = {self.rate_hz!r}: must be > 0, or null (unset) for the environment's own "
+                "rate (1/dt times real_time_factor)"
+            )
+        if self.rate_hz is not None and self.real_time_factor != 1.0:
+            raise ConfigError(
+                f"rate_hz = {self.rate_hz} and real_time_factor = {self.real_time_factor}: set "
+                "one (rate_hz fixes the step rate; real_time_factor scales the environment's 1/dt)"
+            )
         _non_negative(self, "seed", "episodes", "max_episode_steps", "max_restarts", "spin_us")
         if not self.id or not self.id.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"id = {self.id!r}: use letters, digits, '-' and '_'")
@@ -288,7 +355,12 @@ def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
     values: dict[str, Any] = {}
     for f in fields(cls):  # type: ignore[arg-type]
         if f.name in data:
-            values[f.name] = _coerce(f"{prefix}{f.name}", hints[f.name], data[f.name])
+            value = data[f.name]
+            if isinstance(value, dict) and f.default_factory is not MISSING:
+                default = f.default_factory()  # a section's defaults are its field's default's
+                if is_dataclass(default):  # (bridges[].realtime: priority 40, not 50)
+                    value = {**asdict(default), **value}
+            values[f.name] = _coerce(f"{prefix}{f.name}", hints[f.name], value)
         elif f.default is MISSING and f.default_factory is MISSING:
             raise ConfigError(f"{prefix}{f.name}: required key is missing")
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -22,7 +23,9 @@ from control_node.admin import AdminError, request
 from control_node.argv import bridge_argv, serve_argv
 from control_node.config import BridgeConfig, ConfigError, LaunchConfig, NodeConfig, load_launch
 from control_node.decisions import read_decisions
+from control_node.node.clock import periods_per_step
 from control_node.processes import Child, NotReady, last_json, wait_for_admin
+from control_node.realtime import assign_cpus, describe
 
 EXAMPLES = """\
 examples:
@@ -56,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Launcher:
     def __init__(self, cfg: LaunchConfig, launch_file: Path, quiet: bool = False) -> None:
         self.cfg, self.quiet = cfg, quiet
+        # cpus: auto -> the node on a CPU of its own, the bridges on the others
+        assign_cpus(cfg.node.realtime, [b.realtime for b in cfg.bridges], os.sched_getaffinity(0))
         self.node = Child("node", serve_argv(cfg.node, "--json"))
         self.bridges = [Child(f"bridge {b.id}", bridge_argv(b, "--json")) for b in cfg.bridges]
         self.continual: Child | None = None
@@ -115,6 +120,32 @@ class Launcher:
         if self.continual is not None:
             self.continual.start()
 
+    def _say_pacing(self) -> None:
+        """One line per realtime bridge: the rate it said in its hello, and why that rate."""
+        try:
+            live = {b["id"]: b["rate_hz"] for b in self._status()["bridges"]}
+        except AdminError:
+            return
+        node_hz = self.cfg.node.rate_hz
+        for b in self.cfg.bridges:
+            hz = live.get(b.id, 0.0)
+            if b.mode != "realtime" or not hz:
+                continue
+            if b.rate_hz is not None:
+                why = "from rate_hz"
+            else:
+                repeat = b.pixels.repeat if b.pixels is not None else 1
+                dt = f"dt {b.real_time_factor / hz / repeat * 1e3:g} ms"
+                dt += f" x {repeat} (action repeat)" if b.pixels is not None else ""
+                why = f"{dt} at real-time factor {b.real_time_factor:g}"
+            if hz > node_hz:
+                lock = f", faster than the node's {node_hz:g} Hz"
+            elif not periods_per_step(node_hz, hz):
+                lock = f", not a whole number of the node's {node_hz:g} Hz periods: no phase lock"
+            else:
+                lock = f" (node {node_hz:g} Hz)"
+            self._say(f"bridge {b.id}: {b.env} at {hz:.1f} Hz, {why}{lock}")
+
     def _supervise(self, child: Child, bcfg: BridgeConfig) -> None:
         """Restart a bridge that exited, per its policy."""
         assert child.proc is not None
@@ -144,6 +175,7 @@ class Launcher:
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
         try:
             self._start()
+            self._say_pacing()
             self._say(
                 f"node and {len(self.bridges)} bridge(s) running"
                 + (f" for {duration_s:g} s" if duration_s else "; Ctrl-C stops")
@@ -234,6 +266,7 @@ def summarize(
         "rejected_messages": node.get("rejected_messages", 0),
         "safe_actions": node.get("safe_actions", 0),
         "log_dir": cfg.node.log_dir,
+        "realtime": _realtime_summary(node.get("realtime")),
         "bridges": [
             {
                 "id": b.get("bridge"),
@@ -243,11 +276,21 @@ def summarize(
                 "steps": b.get("steps"),
                 "transitions_sent": b.get("transitions_sent"),
                 "action_delivery_us": b.get("action_delivery_us"),
+                "realtime": _realtime_summary(b.get("realtime")),
             }
             for b in bridges
         ],
         "restarts": {c.name.removeprefix("bridge "): c.restarts for c in children if c.restarts},
     }
+
+
+def _realtime_summary(settings: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A process's real-time settings in effect, without its per-thread detail."""
+    if not settings:
+        return None
+    keep = ("sched_policy", "sched_priority", "memory_locked", "vmlck_kb", "vmrss_kb", "cpus",
+            "not_set")  # fmt: skip
+    return {k: settings.get(k) for k in keep} | {"gc": settings.get("gc", {}).get("policy")}
 
 
 def render(s: dict[str, Any]) -> str:
@@ -281,12 +324,16 @@ def render(s: dict[str, Any]) -> str:
             f"  continual round {c['round']} ({c['transitions']} transitions): "
             f"{'deployed' if c['deploy'] else 'kept live'}: {c['reason']}"
         )
+    if s.get("realtime"):
+        lines.append(f"node real-time: {describe(s['realtime'])}")
     for b in s["bridges"]:
         m = "-" if b["mean_return"] is None else f"{b['mean_return']:.1f}"
         lines.append(
             f"  bridge {b['id']} ({b['mode']}): {b['episodes']} episodes, mean return {m}, "
             f"{b['steps']} steps"
         )
+        if b.get("realtime"):
+            lines.append(f"    real-time: {describe(b['realtime'])}")
     if s["error"]:
         lines.append(f"error: {s['error']}")
     return "\n".join(lines)

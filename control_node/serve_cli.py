@@ -11,17 +11,26 @@ import argparse
 import json
 import signal
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from control_node.config import ConfigError, NodeConfig, field_docs, from_mapping, load_launch
+from control_node.argv import REALTIME, add_realtime_arguments, realtime_values
+from control_node.config import (
+    ConfigError,
+    NodeConfig,
+    RealtimeConfig,
+    field_docs,
+    from_mapping,
+    load_launch,
+)
 
 EXAMPLES = """\
 examples:
   ddpg serve --model models/zoo/inverted_pendulum/actor.onnx --rate-hz 100
   ddpg serve --config launch.yaml                  # the node section of a launch file
   ddpg serve --model actor.onnx --rate-hz 1000 --log-dir logs/fast --duration 60 --json
+  ddpg serve --model actor.onnx --rate-hz 1000 --cpus 1 --sched-priority 60   # real-time
 """
 
 
@@ -29,6 +38,8 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per NodeConfig field (``--rate-hz``), documented from the field's docstring."""
     docs = field_docs(NodeConfig)
     for f in fields(NodeConfig):
+        if f.name == REALTIME:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.name != "model" else None
         help_text = f"{docs[f.name]} (default: {default})"
@@ -39,14 +50,16 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kind = {float: float, int: int}.get(type(f.default), str)  # type: ignore[arg-type]
             parser.add_argument(flag, type=kind, metavar=f.name.upper(), help=help_text)
+    add_realtime_arguments(parser, RealtimeConfig(), "node.realtime")
 
 
 def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
     base: dict[str, Any] = {}
     if args.config is not None:
-        base = {f.name: getattr(load_launch(args.config).node, f.name) for f in fields(NodeConfig)}
+        base = asdict(load_launch(args.config).node)
+    base[REALTIME] = {**base.get(REALTIME, {}), **realtime_values(args)}
     for f in fields(NodeConfig):
-        value = getattr(args, f.name)
+        value = getattr(args, f.name, None)
         if value is None:
             continue
         if f.name == "safe_action":

@@ -1,8 +1,10 @@
 """The simulator bridge: a Gymnasium MuJoCo environment acting as the robot the node controls.
 
-``realtime``: physics advances on the bridge's own clock at ``rate_hz`` whether or not an action
-came. Each period it applies the newest action received, or holds the last one; once no action
-has come for ``watchdog_ms`` it applies the node's safe action instead. It then sends the new
+``realtime``: physics advances on the bridge's own clock whether or not an action came: by
+default at the environment's own rate, 1/dt times ``real_time_factor``, so simulated time runs
+at wall-clock speed (1.0); an explicit ``rate_hz`` overrides it. Each period it applies the
+newest action received, or holds the last one; once no action has come for ``watchdog_ms``
+(nor since its last step) it applies the node's safe action instead. It then sends the new
 observation with the reward and the episode flags of the step that produced it, the sequence
 number of the action it applied, and that action itself, so the node logs what really happened.
 
@@ -11,7 +13,8 @@ runs as fast as the node answers and reproduces ``ddpg eval`` exactly on the sam
 
 With ``pixels`` the robot's observation is rendered frames (``sim_bridge.pixels``, the trainer's
 own pipeline): uint8 ``(3 * stack, size, size)``, oldest frame first, sent as raw bytes; one
-bridge step is ``repeat`` physics steps, and ``rate_hz`` counts bridge steps.
+bridge step is ``repeat`` physics steps, so the environment's own rate is 1/(dt * repeat), and
+``rate_hz`` counts bridge steps.
 
 Episode ``i`` resets with ``seed + i``. If the node stops (it says bye) or forgets the bridge
 (it restarted), the bridge says hello again until a node welcomes it; a realtime bridge keeps
@@ -30,8 +33,9 @@ import numpy as np
 import zmq
 
 from control_node import protocol as P
+from control_node import realtime
 from control_node.config import BridgeConfig
-from sim_bridge.envs import env_spec, make_env
+from sim_bridge.envs import EnvError, env_spec, make_env
 from sim_bridge.pixels import make_pixel_env
 
 HELLO_RETRY_S = 0.25
@@ -58,6 +62,16 @@ def _percentiles_us(samples: list[int]) -> dict[str, float]:
     }
 
 
+def step_seconds(env: Any, repeat: int = 1) -> float | None:
+    """Simulated seconds per bridge step: the environment's ``dt`` (MuJoCo: frame_skip x the
+    model's timestep), else 1/render_fps, times the action repeat; None if it says neither."""
+    dt = getattr(env.unwrapped, "dt", None)
+    if dt is None:
+        fps = env.metadata.get("render_fps")
+        dt = 1.0 / fps if fps else None
+    return None if dt is None else float(dt) * repeat
+
+
 class Bridge:
     """One environment, one DEALER socket to the node; :meth:`run` drives it."""
 
@@ -73,6 +87,8 @@ class Bridge:
         else:  # uint8 stacked frames, sent as they are: no float conversion, no copy
             self.env = make_pixel_env(cfg.env, self.pixels, **kwargs)
         self.spec = env_spec(cfg.env, self.env)
+        self.step_s = step_seconds(self.env, 1 if self.pixels is None else self.pixels.repeat)
+        self.rate_hz, self.real_time_factor = self._pacing()
         self.obs_dtype = np.dtype(self.spec.obs_dtype)
         self.session = os.urandom(8).hex()
         self.safe_action = np.clip(np.zeros(self.spec.act_dim, np.float32), *self._bounds())
@@ -106,6 +122,35 @@ class Bridge:
         self._obs_sent_ns = 0
         self._answer: np.ndarray | None = None
         self._last_obs: list[bytes | memoryview] | None = None
+        self.realtime: dict[str, Any] | None = None  # the real-time settings in effect, once run
+
+    def _pacing(self) -> tuple[float, float | None]:
+        """Realtime steps per second and the real-time factor they make (None: the environment
+        has no dt); 0.0 and None in lockstep, which steps as fast as the node answers."""
+        cfg, dt = self.cfg, self.step_s
+        if cfg.mode != "realtime":
+            return 0.0, None
+        if cfg.rate_hz is not None:
+            return cfg.rate_hz, None if dt is None else cfg.rate_hz * dt
+        if dt is None:
+            self.env.close()
+            raise EnvError(f"environment {cfg.env!r} has no dt to step it at; set rate_hz")
+        return cfg.real_time_factor / dt, cfg.real_time_factor
+
+    def pacing_line(self) -> str:
+        """One line saying how fast this realtime bridge steps, and why."""
+        cfg, dt = self.cfg, self.step_s
+        line = f"bridge {cfg.id}: {cfg.env}"
+        if dt is not None:
+            line += f" dt {dt / (self.pixels.repeat if self.pixels else 1) * 1e3:g} ms"
+            line += f" x {self.pixels.repeat} (action repeat)" if self.pixels else ""
+        line += f": {self.rate_hz:.1f} Hz"
+        if cfg.rate_hz is not None:
+            line += " from rate_hz"
+            line += "," if self.real_time_factor is not None else ""
+        if self.real_time_factor is not None:
+            line += f" at real-time factor {round(self.real_time_factor, 3)}"
+        return line
 
     def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
         return self.spec.act_low, self.spec.act_high
@@ -137,7 +182,7 @@ class Bridge:
                 low,
                 high,
                 self.cfg.mode,
-                self.cfg.rate_hz if self.cfg.mode == "realtime" else 0.0,
+                self.rate_hz,  # the actual step rate (0.0 in lockstep)
                 os.getpid(),
                 None if self.pixels is None else self.pixels.to_dict(),
             )
@@ -298,6 +343,11 @@ class Bridge:
 
     def run(self, duration_s: float | None = None) -> dict[str, Any]:
         """Run episodes until stopped, ``episodes`` are done, or ``duration_s`` passes."""
+        self.realtime = realtime.apply(
+            self.cfg.realtime, "bridge", lambda line: self.log(f"bridge {self.cfg.id}: {line}")
+        )
+        if self.cfg.mode == "realtime":
+            self.log(self.pacing_line())
         start = P.now_ns()
         end = start + round(duration_s * 1e9) if duration_s else None
         self._connect(end)
@@ -312,15 +362,21 @@ class Bridge:
         return self.summary((P.now_ns() - start) / 1e9)
 
     def _run_realtime(self, end: int | None) -> None:
-        period = round(1e9 / self.cfg.rate_hz)
+        period = round(1e9 / self.rate_hz)
         watchdog = round(self.cfg.watchdog_ms * 1e6)
         self._reset()
         next_t = P.now_ns() + period
+        last_step = 0
         while not self._stop and not self._episodes_done():
             self._wait(next_t)
             if self._stop:
                 break
-            fresh = self.connected and P.now_ns() - self.action_ns <= watchdog
+            # an action that came since the last step is the answer to the newest observation
+            # (a bridge slower than its watchdog gets each answer more than watchdog_ms before
+            # the step that applies it); an older one is held up to watchdog_ms
+            now, since = P.now_ns(), self.action_ns > last_step
+            fresh = self.connected and (since or now - self.action_ns <= watchdog)
+            last_step = now
             if fresh:
                 ended = self._apply(self.action, self.action_seq, self.action_safe)
             else:  # the watchdog: no action for too long (or no node): the safe action
@@ -380,6 +436,8 @@ class Bridge:
             "lengths": self.lengths,
             "mean_return": float(np.mean(returns)) if returns else None,
             "steps": self.steps,
+            "rate_hz": self.rate_hz,
+            "real_time_factor": self.real_time_factor,
             "wall_s": round(wall_s, 3),
             "steps_per_s": round(self.steps / wall_s, 1) if wall_s > 0 else 0.0,
             "transitions_sent": self.transitions_sent_total,
@@ -389,6 +447,7 @@ class Bridge:
             "errors": self.errors,
             "action_delivery_us": _percentiles_us(self.delivery),
             "round_trip_us": _percentiles_us(self.round_trip),
+            "realtime": self.realtime,
         }
 
     def close(self) -> None:

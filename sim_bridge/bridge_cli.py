@@ -10,16 +10,26 @@ import argparse
 import json
 import signal
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Any
 
-from control_node.argv import NOT_FLAGS, PIXEL_FLAGS, PIXELS_FLAG, flag
+from control_node.argv import (
+    NOT_FLAGS,
+    PIXEL_FLAGS,
+    PIXELS_FLAG,
+    REALTIME,
+    add_realtime_arguments,
+    flag,
+    realtime_values,
+)
 from control_node.config import BridgeConfig, ConfigError, field_docs, from_mapping
 from models.spec import PixelSpec
 
 EXAMPLES = """\
 examples:
-  ddpg bridge --env InvertedPendulum-v5 --mode realtime --rate-hz 100
+  ddpg bridge --env InvertedPendulum-v5 --mode realtime       # 25 Hz: its dt 40 ms, real time
+  ddpg bridge --env InvertedPendulum-v5 --real-time-factor 2  # twice real time: 50 Hz
+  ddpg bridge --env HalfCheetah-v5 --rate-hz 1000             # a fixed rate, whatever its dt
   ddpg bridge --env InvertedPendulum-v5 --mode lockstep --episodes 10 --seed 10000 --json
   ddpg bridge --env InvertedPendulum-v5 --pixels --pixel-size 64 --frame-stack 3 --action-repeat 3
 """
@@ -40,12 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name in NOT_FLAGS:
             continue
         kind = {float: float, int: int}.get(type(f.default), str)  # type: ignore[arg-type]
+        if f.name == "rate_hz":  # null by default: the environment's own rate
+            kind = float
         parser.add_argument(
             flag(f.name),
             type=kind,
             default=None,
             metavar=f.name.upper(),
-            help=f"{docs[f.name]} (default: {f.default})",
+            help=f"{docs[f.name]} (default: {'null' if f.default is None else f.default})",
         )
     parser.add_argument(
         PIXELS_FLAG,
@@ -63,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             metavar=f.name.upper(),
             help=f"{pixel_docs[f.name]} Implies --pixels. (default: {f.default})",
         )
+    add_realtime_arguments(parser, BridgeConfig().realtime, "bridges[].realtime")
     parser.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -83,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.pixels or pixels:
         values["pixels"] = pixels
+    values[REALTIME] = {**asdict(BridgeConfig().realtime), **realtime_values(args)}
     try:
         bridge = Bridge(from_mapping(BridgeConfig, values, "bridge"))
     except (ConfigError, EnvError) as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from models.policy import (
     ActorMetadata,
     OnnxPolicy,
     PolicyError,
+    _direct_run,
     read_metadata,
     weights_hash,
 )
@@ -98,6 +100,28 @@ def test_single_and_batch_agree(model_path: Path) -> None:
     assert policy.session.get_session_options().intra_op_num_threads == 1
     with pytest.raises(PolicyError, match=r"observation of shape \(3,\)"):
         policy(np.zeros(3))
+
+
+def test_bound_batches_agree_with_a_plain_run(model_path: Path) -> None:
+    """The serving path: preallocated buffers bound once per batch size, run in place; the
+    direct call into onnxruntime, and the public one where its internals are not there."""
+    policy = OnnxPolicy(model_path)
+    obs = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    expected = policy.session.run(["action"], {"obs": obs})[0]
+    for n in (1, 3):
+        batch = policy.batch(n)
+        assert policy.batch(n) is batch and batch.obs.shape == (n, 4)
+        batch.obs[...] = obs[:n]
+        batch.run()
+        np.testing.assert_array_equal(batch.act, expected[:n])
+        assert np.shares_memory(batch.values, batch.obs) and np.shares_memory(
+            batch.values, batch.act
+        )
+    calls: list[object] = []
+    no_internals = types.SimpleNamespace(run_with_iobinding=calls.append)  # no _sess
+    run = _direct_run(no_internals, "binding", np.zeros(1))  # type: ignore[arg-type]
+    run()
+    assert calls == ["binding"]
 
 
 def test_metadata_round_trip(model_path: Path) -> None:

@@ -123,3 +123,42 @@ def test_missing_field_and_missing_required_array_are_named() -> None:
     frames = P.encode(P.ACTION, _action_fields())
     with pytest.raises(P.ProtocolError, match="'action' is missing"):
         P.decode(frames)
+
+
+def test_action_template_is_byte_for_byte_what_encode_makes() -> None:
+    frames_of = P.ActionFrames(3)
+    action = np.array([0.25, -1.0, 3.5], np.float32)
+    for seq, episode, step, t in [(1, 0, 0, 0), (300, 70_000, 999, 2**62), (2**40, 5, 128, 7)]:
+        fields = _action_fields(seq=seq, episode=episode, step=step, model_id="abc123")
+        fields.update(t_obs_ns=t, t_recv_ns=t + 1, t_send_ns=t + 2)
+        expected = [bytes(f) for f in P.encode(P.ACTION, fields, {"action": action})]
+        got = frames_of(seq, episode, step, "abc123", t, t + 1, t + 2, action)
+        assert got == expected
+        msg = P.decode(got)
+        assert msg.fields == fields and msg.arrays["action"].tolist() == action.tolist()
+
+
+def test_specs_seen_before_are_still_checked_strictly() -> None:
+    """The layouts of accepted array specs are remembered; a spec equal to one of them only by
+    Python's == (True for 1, 4.0 for 4), a wrong frame count or length, is still refused."""
+    for _ in range(2):  # the second time the layout is known
+        assert P.decode(obs_frames()).arrays["obs"].shape == (4,)
+    cases = [
+        (_with_header(obs_frames(), arrays=[["obs", "float32", [4.0]], ["action", "float32", [1]]]), "bad_array"),
+        (_with_header(obs_frames(), arrays=[["obs", "float32", [4]], ["action", "float32", [True]]]), "bad_array"),
+        (obs_frames()[:2], "bad_array"),
+        ([*obs_frames()[:2], b"\x00" * 8], "bad_shape"),
+    ]  # fmt: skip
+    for frames, code in cases:
+        with pytest.raises(P.ProtocolError) as err:
+            P.decode(frames)
+        assert err.value.code == code
+
+
+def test_a_number_sent_as_an_int_and_a_non_finite_rate_take_the_full_check() -> None:
+    assert P.decode(obs_frames(reward=2))["reward"] == 2  # an int where a float is usual
+    welcome = {"model_id": "m", "rate_hz": float("inf"), "watchdog_ms": 100.0, "pid": 1}
+    with pytest.raises(P.ProtocolError, match="'rate_hz' is not finite"):
+        P.decode(P.encode(P.WELCOME, welcome, {"safe_action": np.zeros(1, np.float32)}))
+    msg = P.decode(obs_frames(note="extra"))
+    assert set(msg.fields) == {*P.FIELDS[P.OBS], "note"}  # the header less v, type, arrays

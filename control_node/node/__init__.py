@@ -3,7 +3,7 @@
 - ``loop.py``: ``ControlNode``: start-up checks, the fixed-rate loop (run -> wait -> drain ->
   tick) and stopping; it owns the sockets and composes the parts below.
 - ``clock.py``: how the loop waits for a deadline (sleep in ``select``, then spin) and the phase
-  correction that locks ticks to fast realtime bridges.
+  lock that moves ticks to just after a lead realtime bridge's observations (``PhaseLock``).
 - ``sessions.py``: bridge messages: hello, per-message checks, transition labelling, episode
   accounts, the hand-off to the transition log, the watchdog.
 - ``serving.py``: batched inference, safety (clip, safe action for non-finite), the shadow

@@ -22,6 +22,7 @@ import zmq
 from control_node import protocol as P
 from control_node.config import NodeConfig
 from control_node.node.serving import Server
+from control_node.realtime import helper_thread
 from models.policy import OnnxPolicy, PolicyError
 
 
@@ -96,13 +97,18 @@ class Admin:
         t_request = P.now_ns()
         self._misses_at_request = self.node.deadline_misses
         threading.Thread(
-            target=self._load, args=(identity, path, shadow, t_request), daemon=True
+            target=self._load,
+            args=(identity, path, shadow, t_request),
+            name="deploy-loader",
+            daemon=True,
         ).start()
         return None
 
     def _load(self, identity: bytes, path: str, shadow: bool, t_request: int) -> None:
         """Loader thread: the runtime policy's checks, plus the live model's (and so every
-        connected bridge's) env, observation shape and action bounds."""
+        connected bridge's) env, observation shape and action bounds. It runs at normal
+        priority, so loading can never starve the real-time loop."""
+        helper_thread()
         result: OnnxPolicy | str
         try:
             expect = self.server.policy.metadata.robot  # the live robot, every bridge's

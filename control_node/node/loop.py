@@ -21,9 +21,10 @@ import numpy as np
 import zmq
 
 from control_node import protocol as P
+from control_node import realtime
 from control_node.config import NodeConfig
 from control_node.node.bridges import Link
-from control_node.node.clock import Clock
+from control_node.node.clock import Clock, PhaseLock
 from control_node.node.deploy import Admin
 from control_node.node.serving import Server
 from control_node.node.sessions import Sessions
@@ -32,6 +33,9 @@ from control_node.node.status import node_status
 from control_node.translog.schema import LogSpec
 from control_node.translog.writer import TransitionLog
 from models.policy import OnnxPolicy, PolicyError
+
+# plain ints: pyzmq's enum members cost ~0.5 µs per use in the drain
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
 class NodeError(RuntimeError):
@@ -88,7 +92,7 @@ class ControlNode:
         # the hot path's callees, looked up once
         self._on_message, self._on_request = self.sessions.on_message, self.admin.on_request
         self._loaded = self.admin.loaded
-        self._lock_hz = 0.5 * cfg.rate_hz  # bridges at least this fast set the tick phase
+        self.phase = PhaseLock(cfg)  # which bridge's observations the tick phase follows
 
         self.state = "ready"
         self.started_ns = P.now_ns()
@@ -98,6 +102,8 @@ class ControlNode:
         self.tick_late = Samples()  # tick start - deadline
         self.tick_period = Samples()  # tick start - previous tick start
         self._last_tick_ns = 0
+        self.realtime: dict[str, Any] = {}  # the real-time settings in effect, once running
+        self.slack_gc: realtime.SlackGC | None = None
 
     def _bind(self, kind: int, address: str, key: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -118,10 +124,21 @@ class ControlNode:
     def status(self) -> dict[str, Any]:
         return node_status(self)
 
+    def _start_realtime(self) -> None:
+        """Apply the real-time settings from the loop's own thread once start-up is done (the
+        garbage collector freezes what start-up made); with gc freeze the clock collects in
+        the slack before each deadline."""
+        rt = self.cfg.realtime
+        self.realtime = realtime.apply(rt, "node", lambda line: self.log(f"node: {line}"))
+        if rt.gc == "freeze":
+            self.slack_gc = realtime.SlackGC()
+            self.clock.collect = self.slack_gc.collect
+
     # -- the hot path ---------------------------------------------------------------------------
     def run(self, duration_s: float | None = None) -> dict[str, Any]:
         """Serve until :meth:`request_stop`, an admin shutdown or ``duration_s``; then say goodbye
         to the bridges, commit the log and return the final status."""
+        self._start_realtime()
         clock = self.clock
         period = clock.period_ns
         start = P.now_ns()
@@ -148,16 +165,17 @@ class ControlNode:
 
     def _drain(self) -> None:
         """Receive everything queued on both sockets (this also re-arms their edge-triggered
-        file descriptors, which is why it runs before every select); swap in a loaded deploy."""
+        file descriptors, which is why it runs before every select); swap in a loaded deploy.
+        The bridge socket is emptied first: its messages are the hot path."""
         sock, admin_sock, loaded = self.sock, self.admin_sock, self._loaded
+        on_message, now = self._on_message, P.now_ns
         while True:
+            while sock.getsockopt(_EVENTS) & _POLLIN:
+                frames = sock.recv_multipart(_NOBLOCK)
+                on_message(frames[0], frames[1:], now())
             busy = False
-            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-                self._on_message(frames[0], frames[1:], P.now_ns())
-                busy = True
-            if admin_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                frames = admin_sock.recv_multipart(zmq.NOBLOCK)
+            if admin_sock.getsockopt(_EVENTS) & _POLLIN:
+                frames = admin_sock.recv_multipart(_NOBLOCK)
                 self._on_request(frames[0], frames[-1])
                 busy = True
             if not loaded.empty():
@@ -173,18 +191,18 @@ class ControlNode:
         ready = self.sessions.ready(t_tick)
         correction = 0
         if ready:
-            errors = []
+            last = self._last_tick_ns
+            msgs, recv_ns = [], []
             for b in ready:
-                if b.pending_recv_ns >= self._last_tick_ns:
+                t_recv = b.pending_recv_ns
+                if t_recv >= last:
                     b.fresh += 1
-                if b.rate_hz >= self._lock_hz:
-                    errors.append(t_tick - b.pending_recv_ns)
-            msgs = [b.pending for b in ready]
-            self.server.answer(ready, msgs, [b.pending_recv_ns for b in ready])  # type: ignore[arg-type]
+                msgs.append(b.pending)
+                recv_ns.append(t_recv)
+            self.server.answer(ready, msgs, recv_ns)
             for b in ready:
                 b.pending = None
-            if errors:
-                correction = self.clock.phase_correction(max(errors))
+            correction = self.phase.correction(ready, t_tick)
             self.tick_work.add(P.now_ns() - t_tick)
         self._last_tick_ns = t_tick
         return correction

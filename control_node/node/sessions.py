@@ -54,6 +54,7 @@ class Sessions:
         self.rejected = rejected
         self.last_rejections: collections.deque[str] = collections.deque(maxlen=5)
         self.log_handoff = Samples()
+        self._handoff_add = self.log_handoff.add
         self.episode_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
         self.returns_by_model: dict[str, list[float]] = collections.defaultdict(list)
         self.episodes = 0
@@ -68,16 +69,13 @@ class Sessions:
     def ready(self, t_tick: int) -> list[BridgeState]:
         """Watch every bridge for silence; return those with an unanswered observation."""
         ready: list[BridgeState] = []
-        watchdog = self._watchdog_ns
         for b in self.bridges.values():
             if b.gone:
                 continue
-            if not b.stale and t_tick - b.last_seen_ns > watchdog:
+            if not b.stale and t_tick - b.last_seen_ns > b.silent_ns:
                 b.stale, b.pending = True, None
                 self.link.stale_events += 1
-                self.log(
-                    f"node: bridge {b.bridge_id} is stale (silent > {self.cfg.watchdog_ms} ms)"
-                )
+                self.log(f"node: bridge {b.bridge_id} is stale (silent > {b.silent_ns / 1e6:g} ms)")
             if b.pending is not None:
                 ready.append(b)
         return ready
@@ -95,10 +93,11 @@ class Sessions:
             msg = P.decode(frames)
             if msg.type == P.OBS:
                 bridge = self.by_identity.get(identity)
-                if bridge is None or bridge.gone or bridge.bridge_id != msg["bridge_id"]:
+                bridge_id = msg.fields["bridge_id"]
+                if bridge is None or bridge.gone or bridge.bridge_id != bridge_id:
                     raise P.ProtocolError(
                         "unknown_bridge",
-                        f"bridge {msg['bridge_id']!r} has not said hello on this connection; "
+                        f"bridge {bridge_id!r} has not said hello on this connection; "
                         "send hello first",
                     )
                 self._check_obs(msg)
@@ -205,6 +204,8 @@ class Sessions:
             msg["pid"],
             t_recv,
         )
+        rate = bridge.rate_hz if bridge.mode == "realtime" else 0.0
+        bridge.silent_ns = max(self._watchdog_ns, round(2e9 / rate) if rate > 0 else 0)
         if old is not None and old.session == msg["session"]:  # a reconnect: keep the accounts
             for name in ("seq", "episode", "ep_return", "ep_length", "ep_models", "episodes"):
                 setattr(bridge, name, getattr(old, name))
@@ -224,7 +225,8 @@ class Sessions:
         return bridge
 
     def _check_obs(self, msg: P.Message) -> None:
-        obs = msg.arrays["obs"]
+        arrays, fields = msg.arrays, msg.fields
+        obs = arrays["obs"]
         shape, dtype = self._obs_shape, self._obs_dtype
         if obs.shape != shape or obs.dtype != dtype:
             raise P.ProtocolError(
@@ -232,8 +234,9 @@ class Sessions:
                 f"obs: observation is {obs.dtype} {list(obs.shape)}; the model takes "
                 f"{dtype} {list(shape)}",
             )
-        action = msg.arrays.get("action")
-        if msg["step"] > 0:
+        step = fields["step"]
+        if step > 0:
+            action = arrays.get("action")
             if action is None:
                 raise P.ProtocolError(
                     "bad_array", "obs: step > 0 needs the 'action' that produced it"
@@ -244,7 +247,7 @@ class Sessions:
                     f"obs: applied action is {action.dtype} {list(action.shape)}; expected "
                     f"float32 [{self._act_shape[0]}]",
                 )
-        if msg["step"] < 0 or msg["episode"] < 0:
+        if step < 0 or fields["episode"] < 0:
             raise P.ProtocolError("bad_field", "obs: episode and step must be >= 0")
 
     def _on_obs(self, b: BridgeState, msg: P.Message, t_recv: int) -> None:
@@ -252,24 +255,25 @@ class Sessions:
         if b.stale:
             b.stale = False
             self.log(f"node: bridge {b.bridge_id} resumed")
-        episode, step = msg["episode"], msg["step"]
+        f = msg.fields
+        episode, step = f["episode"], f["step"]
         prev = b.prev
-        if prev is not None and (prev["episode"], prev["step"]) == (episode, step):
+        pf = None if prev is None else prev.fields
+        if pf is not None and pf["step"] == step and pf["episode"] == episode:
             if b.mode == "lockstep":  # a resend after a lost answer: answer again, log nothing
                 self._answer([b], [msg], [t_recv])
             b.gaps += 1
             return
-        terminal = msg["terminated"] or msg["truncated"]
         if step == 0 or episode != b.episode:
             b.episode, b.ep_return, b.ep_length, b.ep_models = episode, 0.0, 0, set()
         if step > 0:
-            if prev is not None and prev["episode"] == episode and prev["step"] == step - 1:
-                self._log_transition(b, prev, msg)
+            if pf is not None and pf["episode"] == episode and pf["step"] == step - 1:
+                self._log_transition(b, prev, msg)  # type: ignore[arg-type]
             else:
                 b.gaps += 1
-            b.ep_return += float(msg["reward"])
+            b.ep_return += float(f["reward"])
             b.ep_length += 1
-        if terminal:
+        if f["terminated"] or f["truncated"]:
             self._end_episode(b)
             b.prev = b.pending = None
             return
@@ -285,41 +289,44 @@ class Sessions:
 
     # -- transitions and episodes ---------------------------------------------------------------
     def _log_transition(self, b: BridgeState, prev: P.Message, msg: P.Message) -> None:
-        seq = msg["applied_seq"]
+        f, pf = msg.fields, prev.fields
+        seq, applied_safe = f["applied_seq"], f["applied_safe"]
         sent = b.sent.get(seq, UNKNOWN_ACTION)
-        model_id, t_action = sent.model_id, sent.t_send
-        safe = sent.safe or msg["applied_safe"]
-        if (sent.episode, sent.step) == (prev["episode"], prev["step"]):
+        model_id = sent.model_id
+        if sent.episode == pf["episode"] and sent.step == pf["step"]:
             b.on_time += 1
-        if model_id and not msg["applied_safe"]:  # the bridge's own safe steps label nothing
+        if model_id and not applied_safe:  # the bridge's own safe steps label nothing
             b.ep_models.add(model_id)
         b.transitions += 1
-        if self.translog is None:
+        translog = self.translog
+        if translog is None:
             return
-        t0 = P.now_ns()
-        self.translog.append(
+        now = P.now_ns
+        t0 = now()
+        # positional, in Transition's field order (keywords cost three times as much)
+        translog.append(
             Transition(
-                bridge_id=b.bridge_id,
-                bridge_session=b.session,
-                episode=msg["episode"],
-                step=prev["step"],
-                obs=prev.arrays["obs"],
-                action=msg.arrays["action"],
-                reward=float(msg["reward"]),
-                next_obs=msg.arrays["obs"],
-                terminated=bool(msg["terminated"]),
-                truncated=bool(msg["truncated"]),
-                model_id=model_id,
-                safe_action=bool(safe),
-                action_seq=seq,
-                t_obs_ns=prev["t_obs_ns"],
-                t_action_ns=t_action,
-                t_next_obs_ns=msg["t_obs_ns"],
-                shadow_model_id=sent.shadow_model_id,
-                shadow_action=sent.shadow_action,
+                b.bridge_id,  # bridge_id
+                b.session,  # bridge_session
+                f["episode"],  # episode
+                pf["step"],  # step
+                prev.arrays["obs"],  # obs
+                msg.arrays["action"],  # action
+                float(f["reward"]),  # reward
+                msg.arrays["obs"],  # next_obs
+                bool(f["terminated"]),  # terminated
+                bool(f["truncated"]),  # truncated
+                model_id,  # model_id
+                bool(sent.safe or applied_safe),  # safe_action
+                seq,  # action_seq
+                pf["t_obs_ns"],  # t_obs_ns
+                sent.t_send,  # t_action_ns
+                f["t_obs_ns"],  # t_next_obs_ns
+                sent.shadow_model_id,  # shadow_model_id
+                sent.shadow_action,  # shadow_action
             )
         )
-        self.log_handoff.add(P.now_ns() - t0)
+        self._handoff_add(now() - t0)
 
     def _end_episode(self, b: BridgeState) -> None:
         b.episodes += 1

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from control_node import protocol as P
+from control_node import realtime
 from control_node.config import NodeConfig
 from control_node.node.bridges import BridgeState, Link
 from control_node.node.deploy import Admin
@@ -33,6 +34,8 @@ class NodeParts(Protocol):
     sessions: Sessions
     server: Server
     admin: Admin
+    realtime: dict[str, Any]
+    slack_gc: realtime.SlackGC | None
 
 
 def node_status(node: NodeParts) -> dict[str, Any]:
@@ -101,7 +104,19 @@ def node_status(node: NodeParts) -> dict[str, Any]:
         "deploys": [{k: v for k, v in d.items() if k != "t_request"} for d in admin.deploys],
         "bridges": [_bridge_status(b, now) for b in bridges.values()],
         "endpoints": {"bind": cfg.bind, "admin": cfg.admin},
+        "realtime": _realtime_status(node),
     }
+
+
+def _realtime_status(node: NodeParts) -> dict[str, Any] | None:
+    """The real-time settings in effect, threads and locked memory read again now; None until
+    the loop has applied them."""
+    if not node.realtime:
+        return None
+    out = realtime.in_effect(node.realtime)
+    if node.slack_gc is not None:
+        out["gc"] = {**out["gc"], **node.slack_gc.stats()}
+    return out
 
 
 def _bridge_status(b: BridgeState, now: int) -> dict[str, Any]:

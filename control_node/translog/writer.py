@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from control_node.realtime import helper_thread
 from control_node.translog.schema import (
     CHUNK_PREFIX,
     SUFFIX,
@@ -446,6 +447,7 @@ class TransitionLog:
     # -- the writer thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        helper_thread()  # normal priority, never the loop's real-time one
         rows: list[Transition] = []
         logged: list[int] = []
         opened = 0  # monotonic ns of the open chunk's first row
