@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU wheel here; an unpinned torch would pull CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	# every extra (sim, train, minari): the robot side alone is `pip install .`
+	$(BIN)/pip install --quiet -e ".[all,dev]"
 	touch $(STAMP)
 
 # The main job: the control loop end to end. A node serves the shipped actor to a realtime
@@ -34,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	$(BIN)/pip install --quiet -e ".[all,dev,bench]"
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean-venv:

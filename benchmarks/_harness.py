@@ -19,6 +19,7 @@ from control_node.admin import request
 from control_node.argv import bridge_argv, serve_argv
 from control_node.config import BridgeConfig, NodeConfig, free_tcp_endpoint
 from control_node.processes import Child, NotReady, last_json, wait_for_admin
+from control_node.realtime import assign_cpus
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,7 +204,11 @@ def serve(
     """Start the node on fresh endpoints, wait for its admin socket, start the bridges for
     ``seconds``, snapshot the node when all are connected, run ``during(admin)``, snapshot again
     when the first bridge exits, wait for them, stop the node (SIGTERM: it says goodbye and
-    commits its log) and gather every final JSON."""
+    commits its log) and gather every final JSON. CPUs are placed as ``ddpg launch`` places
+    them (``cpus: auto``: the node on a CPU of its own, the bridges on the others)."""
+    node = replace(node, realtime=replace(node.realtime))
+    bridges = [replace(b, realtime=replace(b.realtime)) for b in bridges]
+    assign_cpus(node.realtime, [b.realtime for b in bridges], os.sched_getaffinity(0))
     bind, admin = free_tcp_endpoint(), free_tcp_endpoint()
     while admin == bind:
         admin = free_tcp_endpoint()

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.config import make_config
+from training.config import PIXEL_ONLY_PRESETS, PRESETS, make_config
 from training.metrics import read_csv
 from training.rundir import resume_config
 from training.trainer import train
@@ -91,7 +91,7 @@ def main() -> None:
     p.add_argument("--envs", nargs="+", default=["HalfCheetah-v5", "Hopper-v5", "Walker2d-v5"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=1_000_000, help="steps per run (default 1M)")
-    p.add_argument("--preset", default="td3", choices=["td3", "paper"])
+    p.add_argument("--preset", default="td3", choices=sorted(set(PRESETS) - PIXEL_ONLY_PRESETS))
     p.add_argument("--runs", type=Path, default=Path("runs/learning"), help="where the runs live")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/learning.json"))
     p.add_argument("--report-only", action="store_true", help="only read existing runs")

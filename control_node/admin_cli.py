@@ -1,6 +1,8 @@
 """``ddpg status``: ask a running node how it is doing (``--watch`` redraws a live view).
 
-The node's admin address comes from ``--node ADDR`` or, without it, ``./launch.yaml``.
+The node's admin address comes from ``--node ADDR`` or, without it, ``./launch.yaml``. Status
+needs no credentials; ``--shutdown`` carries the node's admin token, found on its own when run
+as the node's user on its machine (``--token-file`` otherwise).
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ def render(s: dict[str, Any]) -> str:
     ]
     if s.get("realtime"):
         lines.append(f"real-time {describe(s['realtime'])}")
+    if bs := s.get("bridges_summary"):
+        lines.append(
+            f"bridges live {bs['live']}  stale {bs['stale']}  gone {bs['gone']}  forgotten "
+            f"{bs['forgotten']}  refused (full) {bs['refused_full']}   dropped over rate "
+            f"{s.get('dropped_over_rate', 0)}"
+        )
     for model, r in s["returns_by_model"].items():
         lines.append(
             f"  model {model}: {r['episodes']} episodes, return {r['mean']:.1f} ± {r['std']:.1f}"
@@ -86,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         address = admin_address(args.node, args.launch)
         if args.shutdown:
-            reply = request(address, "shutdown", args.timeout)
+            reply = request(address, "shutdown", args.timeout, args.token_file)
             print(f"ddpg status: node pid {reply['status']['pid']} is stopping")
             return 0
         if not args.watch:

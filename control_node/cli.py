@@ -27,6 +27,51 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# A module an optional extra installs -> that extra (pyproject.toml). The base install is the
+# robot side; a command that needs more stops with one line naming what to install.
+EXTRAS: dict[str, str] = {
+    "gymnasium": "sim",
+    "mujoco": "sim",
+    "imageio": "sim",
+    "imageio_ffmpeg": "sim",
+    "torch": "train",
+    "onnxscript": "train",
+    "tensorboard": "train",
+    "matplotlib": "train",
+    "tqdm": "train",
+    "minari": "minari",
+}
+
+
+# The extra each command needs (train implies sim): named whole, so one install is enough.
+COMMAND_EXTRAS: dict[str, str] = {
+    "train": "train",
+    "export": "train",
+    "retrain": "train",
+    "eval": "sim",
+    "bridge": "sim",
+}
+IMPLIES: dict[str, tuple[str, ...]] = {"train": ("train", "sim"), "sim": ("sim",)}
+
+
+def missing_extra(command: str, error: ModuleNotFoundError) -> str | None:
+    """The extra to install for ``command`` when the module ``error`` names is missing: the
+    command's own when it covers that module, else the module's (minari for ``--minari``);
+    None for a module no extra installs."""
+    extra = EXTRAS.get((error.name or "").partition(".")[0])
+    needed = COMMAND_EXTRAS.get(command)
+    if extra is not None and needed is not None and extra in IMPLIES[needed]:
+        return needed
+    return extra
+
+
+def _extra_line(command: str, error: ModuleNotFoundError, extra: str) -> str:
+    return (
+        f"ddpg {command}: error: needs the '{extra}' extra ({error.name} is not installed): "
+        f"pip install 'ddpg-control[{extra}]'"
+    )
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line naming the problem (the usage is in --help)."""
 
@@ -54,15 +99,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     module_name, summary = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    parser = OneLineParser(
-        prog=f"ddpg {name}",
-        description=summary,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        module = importlib.import_module(module_name)
+        parser = OneLineParser(
+            prog=f"ddpg {name}",
+            description=summary,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
+        return int(module.run(args) or 0)
+    except ModuleNotFoundError as e:
+        extra = missing_extra(name, e)
+        if extra is None:
+            raise
+        print(_extra_line(name, e, extra), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

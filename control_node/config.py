@@ -8,10 +8,14 @@ message that names the key (``node.rate_hz = -5: must be > 0``).
 from __future__ import annotations
 
 import ast
+import errno
 import functools
 import inspect
 import itertools
+import os
+import reprlib
 import socket
+import stat
 import textwrap
 import types
 import typing
@@ -30,6 +34,103 @@ class ConfigError(ValueError):
     """A configuration value or file is wrong; the message names the key."""
 
 
+MAX_YAML_BYTES = 256 * 1024
+"""The largest YAML file read (launch.yaml, a run's config.yaml): a launch file of a hundred
+bridges is about 50 kB, and libyaml composes 256 kB of the worst kind in about 0.3 s."""
+MAX_YAML_VALUES = 100_000
+"""The most values a YAML document may expand to, each use of an alias counting its whole
+anchored value again (an alias bomb is a few hundred bytes that expand to billions)."""
+BRIEF_CHARS = 80
+"""The longest a value is quoted in an error message."""
+
+_BRIEF = reprlib.Repr()  # Python 3.11's takes no arguments
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxlong, _BRIEF.maxother = 2, 60, 40, 40
+_BRIEF.maxtuple = _BRIEF.maxlist = _BRIEF.maxdict = _BRIEF.maxset = 4
+
+
+def brief(value: object) -> str:
+    """A repr of ``value`` of at most BRIEF_CHARS characters, computed without building the
+    whole repr (an aliased list of a billion items stays cheap to quote)."""
+    text = _BRIEF.repr(value)
+    return text if len(text) <= BRIEF_CHARS else text[: BRIEF_CHARS - 3] + "..."
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``, bounded: a regular file of at most MAX_YAML_BYTES whose
+    values, aliases expanded, number at most MAX_YAML_VALUES. ConfigError naming the file."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or /dev/zero would block or never end
+            raise ConfigError(f"{path}: not a regular file")
+        if info.st_size > MAX_YAML_BYTES:
+            raise ConfigError(
+                f"{path}: {info.st_size} bytes; a config file is at most {MAX_YAML_BYTES}"
+            )
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    if len(raw) > MAX_YAML_BYTES:  # it grew since the stat
+        raise ConfigError(f"{path}: more than {MAX_YAML_BYTES} bytes; too large for a config")
+    loader = _Loader(raw)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        values = _expanded_size(node, MAX_YAML_VALUES)
+        if values > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{path}: expands to more than {MAX_YAML_VALUES} values (each use of an alias "
+                "counts its whole value again); not a config"
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        first = " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML: {first[:200]}") from None
+    except ConfigError:
+        raise
+    except (ValueError, RecursionError) as e:  # an int of 5,000 digits; nesting
+        raise ConfigError(f"{path}: not a usable YAML config: {str(e)[:200]}") from None
+    finally:
+        loader.dispose()
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """How many values the node graph ``root`` stands for once aliases are expanded (an alias
+    is the same node object as its anchor, so the graph is small; the count is not), capped at
+    ``limit + 1``; a value that contains itself (``&a [*a]``) counts as over the limit.
+    Iterative: no recursion limit."""
+    sizes: dict[int, int] = {}
+    entered: set[int] = set()
+    stack: list[yaml.Node] = [root]
+    while stack:
+        node = stack[-1]
+        key = id(node)
+        if key in sizes:
+            stack.pop()
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if key in entered:  # its children are done (or one is an ancestor: a cycle)
+            stack.pop()
+            total = 1 + sum(sizes.get(id(c), limit + 1) for c in children)
+            sizes[key] = min(limit + 1, total)
+            continue
+        entered.add(key)
+        for child in children:
+            if id(child) in entered and id(child) not in sizes:
+                return limit + 1  # a cycle: it would expand forever
+            if id(child) not in sizes:
+                stack.append(child)
+    return sizes[id(root)]
+
+
 SCHED_POLICIES = ("fifo", "rr", "other")
 GC_POLICIES = ("freeze", "default")
 CPU_CHOICES = ("auto", "all")
@@ -42,8 +143,9 @@ class RealtimeConfig:
     at start-up by ``control_node/realtime.py``, which says in one line what it could not set."""
 
     sched_policy: str = "fifo"
-    """Scheduling policy of the loop thread (and ZeroMQ's I/O thread): fifo, rr or other (the
-    default time-sharing scheduler). fifo needs CAP_SYS_NICE or an rtprio limit."""
+    """Scheduling policy of the loop thread and ZeroMQ's I/O thread (a bridge's one priority
+    above its loop): fifo, rr or other (the default time-sharing scheduler). fifo needs
+    CAP_SYS_NICE or an rtprio limit."""
     sched_priority: int = 50
     """Real-time priority (1..80) with fifo or rr; the node 50 as ros2_control uses, bridges
     40; ignored with other. Kept below the kernel's own real-time threads (99)."""
@@ -59,7 +161,9 @@ class RealtimeConfig:
 
     def validate(self) -> None:
         if self.sched_policy not in SCHED_POLICIES:
-            raise ConfigError(f"sched_policy = {self.sched_policy!r}: choose fifo, rr or other")
+            raise ConfigError(
+                f"sched_policy = {brief(self.sched_policy)}: choose fifo, rr or other"
+            )
         if not 1 <= self.sched_priority <= MAX_RT_PRIORITY:
             raise ConfigError(
                 f"sched_priority = {self.sched_priority}: must be in 1..{MAX_RT_PRIORITY} "
@@ -67,11 +171,11 @@ class RealtimeConfig:
             )
         if isinstance(self.cpus, str):
             if self.cpus not in CPU_CHOICES:
-                raise ConfigError(f"cpus = {self.cpus!r}: a list of CPU numbers, auto or all")
+                raise ConfigError(f"cpus = {brief(self.cpus)}: a list of CPU numbers, auto or all")
         elif not self.cpus or any(c < 0 for c in self.cpus):
-            raise ConfigError(f"cpus = {self.cpus!r}: a non-empty list of CPU numbers >= 0")
+            raise ConfigError(f"cpus = {brief(self.cpus)}: a non-empty list of CPU numbers >= 0")
         if self.gc not in GC_POLICIES:
-            raise ConfigError(f"gc = {self.gc!r}: choose freeze or default")
+            raise ConfigError(f"gc = {brief(self.gc)}: choose freeze or default")
 
 
 @dataclass
@@ -95,27 +199,70 @@ class NodeConfig:
     """Transition log directory (Parquet chunks); null turns logging off."""
     chunk_seconds: float = 1.0
     """A log chunk is committed when it is this old: the most a crash can lose."""
+    tolerate_log_errors: bool = False
+    """Exit 0 at the end although the log failed to write (a full disk, ...) or lost
+    transitions; the failures are printed and counted either way (false: exit 1)."""
     phase_margin_us: float = 150.0
     """How long after a realtime observation arrives the tick that answers it should run."""
     spin_us: float = 0.0
     """Busy-wait this long before each deadline instead of sleeping (trades CPU for jitter)."""
+    lockstep_spin_us: float = 500.0
+    """After answering a lockstep observation, busy-wait this long for the bridge's next one
+    (yielding to ZeroMQ's I/O thread): it is taken in at once, with warm caches, instead of
+    after a wake-up (a core's worth of CPU while a lockstep bridge steps); 0 turns it off."""
     provider: str = "cpu"
     """onnxruntime execution provider: cpu, cuda or tensorrt."""
+    max_bridges: int = 64
+    """Bridges connected at once; a hello from one more is refused (error too_many_bridges)."""
+    bridges_kept: int = 256
+    """Gone and stale bridges remembered (in status, for a reconnect); the oldest is forgotten
+    first, and any after bridge_retention_s."""
+    bridge_retention_s: float = 300.0
+    """A bridge gone or stale for this long is forgotten (its counts stay in the totals)."""
+    max_bridge_rate_hz: float = 10_000.0
+    """The fastest rate a hello may announce (faster is refused); lockstep bridges, which
+    announce none, are held to it."""
+    rate_headroom: float = 2.0
+    """Each bridge's messages are held to this many times its announced rate, with a burst of
+    one second of that (what a bridge queued while the node stalled is let through); the
+    excess is dropped and counted (status: dropped_over_rate)."""
+    status_bridges: int = 32
+    """Status lists at most this many bridges (live first, then the most recently seen), with
+    a count of every state beside them."""
+    max_model_mb: float = 256.0
+    """A deployed model file must be a regular file of at most this size."""
+    max_model_memory_mb: float = 1024.0
+    """A deploy is refused when checking and running the candidate needs more memory than this
+    (measured in a probe process)."""
+    max_inference_share: float = 0.5
+    """A deploy is refused when the candidate's batch-1 inference (median on probes) takes more
+    than this share of a period."""
+    deploy_timeout_s: float = 60.0
+    """A deploy whose checks have not finished in this long is given up (the slot is freed)."""
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
     """Real-time scheduling, locked memory, CPUs and garbage collection (see below)."""
 
     def validate(self) -> None:
         self.realtime.validate()
         _positive(self, "rate_hz", "watchdog_ms", "chunk_seconds")
-        _non_negative(self, "phase_margin_us", "spin_us")
+        _positive(self, "max_bridges", "bridge_retention_s", "max_bridge_rate_hz", "status_bridges")
+        _positive(self, "max_model_mb", "max_model_memory_mb", "deploy_timeout_s")
+        _non_negative(self, "bridges_kept")
+        if not 1.0 <= self.rate_headroom <= 100.0:
+            raise ConfigError(f"rate_headroom = {self.rate_headroom}: must be in 1..100")
+        if not 0.0 < self.max_inference_share <= 1.0:
+            raise ConfigError(
+                f"max_inference_share = {self.max_inference_share}: must be in (0, 1]"
+            )
+        _non_negative(self, "phase_margin_us", "spin_us", "lockstep_spin_us")
         if self.rate_hz > 10_000:
             raise ConfigError(f"rate_hz = {self.rate_hz}: at most 10000")
         if self.provider not in ("cpu", "cuda", "tensorrt"):
-            raise ConfigError(f"provider = {self.provider!r}: choose cpu, cuda or tensorrt")
+            raise ConfigError(f"provider = {brief(self.provider)}: choose cpu, cuda or tensorrt")
         for key in ("bind", "admin"):
             _check_endpoint(key, getattr(self, key))
         if self.bind == self.admin:
-            raise ConfigError(f"bind and admin are both {self.bind!r}; they must differ")
+            raise ConfigError(f"bind and admin are both {brief(self.bind)}; they must differ")
         if self.phase_margin_us * 1e-6 >= 1.0 / self.rate_hz:
             raise ConfigError(
                 f"phase_margin_us = {self.phase_margin_us}: must be shorter than one period "
@@ -169,13 +316,15 @@ class BridgeConfig:
     def validate(self) -> None:
         self.realtime.validate()
         if self.mode not in ("realtime", "lockstep"):
-            raise ConfigError(f"mode = {self.mode!r}: choose realtime or lockstep")
+            raise ConfigError(f"mode = {brief(self.mode)}: choose realtime or lockstep")
         if self.restart not in ("never", "on-failure", "always"):
-            raise ConfigError(f"restart = {self.restart!r}: choose never, on-failure or always")
+            raise ConfigError(
+                f"restart = {brief(self.restart)}: choose never, on-failure or always"
+            )
         _positive(self, "watchdog_ms", "real_time_factor")
         if self.rate_hz is not None and not self.rate_hz > 0:
             raise ConfigError(
-                f"rate_hz = {self.rate_hz!r}: must be > 0, or null (unset) for the environment's own "
+                f"rate_hz = {brief(self.rate_hz)}: must be > 0, or null (unset) for the environment's own "
                 "rate (1/dt times real_time_factor)"
             )
         if self.rate_hz is not None and self.real_time_factor != 1.0:
@@ -185,7 +334,7 @@ class BridgeConfig:
             )
         _non_negative(self, "seed", "episodes", "max_episode_steps", "max_restarts", "spin_us")
         if not self.id or not self.id.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"id = {self.id!r}: use letters, digits, '-' and '_'")
+            raise ConfigError(f"id = {brief(self.id)}: use letters, digits, '-' and '_'")
         _check_endpoint("node", self.node)
 
 
@@ -240,47 +389,54 @@ class LaunchConfig:
         ids = [b.id for b in self.bridges]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
-            raise ConfigError(f"bridges: id {dupes[0]!r} is used twice; ids must be unique")
+            raise ConfigError(f"bridges: id {brief(dupes[0])} is used twice; ids must be unique")
 
 
 def _positive(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if not value > 0:
-            raise ConfigError(f"{name} = {value!r}: must be > 0")
+            raise ConfigError(f"{name} = {brief(value)}: must be > 0")
 
 
 def _non_negative(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if not value >= 0:
-            raise ConfigError(f"{name} = {value!r}: must be >= 0")
+            raise ConfigError(f"{name} = {brief(value)}: must be >= 0")
 
 
 def _check_endpoint(key: str, address: str) -> None:
     scheme, sep, rest = address.partition("://")
     if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
         raise ConfigError(
-            f"{key} = {address!r}: not a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)"
+            f"{key} = {brief(address)}: not a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)"
         )
     if scheme == "tcp":
         host, _, port = rest.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"{key} = {address!r}: expected tcp://HOST:PORT with a port number")
+            raise ConfigError(
+                f"{key} = {brief(address)}: expected tcp://HOST:PORT with a port number"
+            )
 
 
 def port_in_use(address: str) -> bool:
-    """Whether a tcp:// endpoint's port is already bound on this machine (False for others)."""
+    """Whether a tcp:// endpoint's port is taken on this machine, as ZeroMQ's bind would find
+    it (False for other transports)."""
     scheme, _, rest = address.partition("://")
     if scheme != "tcp":
         return False
     host, _, port = rest.rpartition(":")
-    host = "0.0.0.0" if host == "*" else host
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    host = "0.0.0.0" if host == "*" else host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As ZeroMQ binds: with SO_REUSEADDR, which the TIME_WAIT connections of a node that
+        # just died do not block; only a socket that listens there does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, int(port)))
-        except OSError:
-            return True
+        except OSError as e:  # another error (an interface name, no such address): ZeroMQ's
+            return e.errno == errno.EADDRINUSE  # bind says it in the node's one line
     return False
 
 
@@ -327,7 +483,7 @@ def _coerce(where: str, kind: Any, value: Any) -> Any:
         return from_mapping(kind, value, where)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where} = {value!r}: expected a list")
+            raise ConfigError(f"{where} = {brief(value)}: expected a list")
         return [_coerce(f"{where}[{i}]", args[0], v) for i, v in enumerate(value)]
     ok = {
         str: isinstance(value, str),
@@ -338,7 +494,7 @@ def _coerce(where: str, kind: Any, value: Any) -> Any:
     if ok is None:
         raise AssertionError(f"unhandled config type {kind} at {where}")
     if not ok:
-        raise ConfigError(f"{where} = {value!r}: expected {kind.__name__}")
+        raise ConfigError(f"{where} = {brief(value)}: expected {kind.__name__}")
     return float(value) if kind is float else value
 
 
@@ -351,7 +507,11 @@ def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
     names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names), key=str)
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; known keys: {', '.join(names)}")
+        key = unknown[0]
+        shown = (
+            key if isinstance(key, str) and key.isidentifier() and len(key) <= 40 else brief(key)
+        )
+        raise ConfigError(f"{prefix}{shown}: unknown key; known keys: {', '.join(names)}")
     values: dict[str, Any] = {}
     for f in fields(cls):  # type: ignore[arg-type]
         if f.name in data:
@@ -390,7 +550,7 @@ def _model_pixels(path: Path, cfg: LaunchConfig) -> dict[str, Any] | None:
         return _actor_pixels(cfg.node.model)
     except Exception as e:  # PolicyError, or protobuf's own DecodeError for garbage
         raise ConfigError(
-            f"{path}: node.model = {cfg.node.model!r}: not an exported actor: {e}"
+            f"{path}: node.model = {brief(cfg.node.model)}: not an exported actor: {e}"
         ) from None
 
 
@@ -422,14 +582,14 @@ def _check_continual_init(path: Path, cfg: LaunchConfig, model: dict[str, Any] |
     actor = init / "actor.onnx"
     if not actor.is_file():
         raise ConfigError(
-            f"{path}: continual.init = {cfg.continual.init!r}: no actor.onnx in {init}; "
+            f"{path}: continual.init = {brief(cfg.continual.init)}: no actor.onnx in {init}; "
             f"export it with: ddpg export {init}"
         )
     try:
         init_pixels = _actor_pixels(actor)
     except Exception as e:  # PolicyError, or protobuf's own DecodeError for garbage
         raise ConfigError(
-            f"{path}: continual.init = {cfg.continual.init!r}: {actor}: not an exported actor: {e}"
+            f"{path}: continual.init = {brief(cfg.continual.init)}: {actor}: not an exported actor: {e}"
         ) from None
     diff = pixel_differences(init_pixels, model)
     if diff:
@@ -439,15 +599,28 @@ def _check_continual_init(path: Path, cfg: LaunchConfig, model: dict[str, Any] |
         )
 
 
+def _check_init_config(path: Path, init: Path) -> None:
+    """Refuse a continual init run whose config.yaml is not a bounded mapping of names: its
+    form is checked here, for every launch; its values are the trainer's to judge (the
+    continual process and ``python -m training.continual --check`` do, before any round)."""
+    data = read_yaml(init / "config.yaml")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: continual.init: {init / 'config.yaml'}: expected a mapping of config keys, "
+            f"got {type(data).__name__}"
+        )
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(
+                f"{path}: continual.init: {init / 'config.yaml'}: key {brief(key)} is "
+                f"{type(key).__name__}, not a name"
+            )
+
+
 def load_launch(path: Path, check_ports: bool = True) -> LaunchConfig:
     """Load ``launch.yaml``; the model path is resolved against the file's directory and must
     exist, and (with ``check_ports``) the node's ports must be free."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path)
     try:
         cfg = from_mapping(LaunchConfig, data)
     except ConfigError as e:
@@ -456,7 +629,7 @@ def load_launch(path: Path, check_ports: bool = True) -> LaunchConfig:
     if not model.is_absolute():
         model = (path.parent / model).resolve()
     if not model.is_file():
-        raise ConfigError(f"{path}: node.model = {cfg.node.model!r}: no such file ({model})")
+        raise ConfigError(f"{path}: node.model = {brief(cfg.node.model)}: no such file ({model})")
     cfg.node.model = str(model)
     model_pixels = _model_pixels(path, cfg)
     _check_bridge_observations(path, cfg, model_pixels)
@@ -467,18 +640,21 @@ def load_launch(path: Path, check_ports: bool = True) -> LaunchConfig:
     if cont.init is not None:
         init = (path.parent / cont.init).resolve()
         if not (init / "checkpoint.pt").is_file():
-            raise ConfigError(f"{path}: continual.init = {cont.init!r}: no checkpoint.pt in {init}")
+            raise ConfigError(
+                f"{path}: continual.init = {brief(cont.init)}: no checkpoint.pt in {init}"
+            )
         cont.init = str(init)
         _check_continual_init(path, cfg, model_pixels)
+        _check_init_config(path, init)
     for key in ("bind", "admin") if check_ports else ():
         address = getattr(cfg.node, key)
         if port_in_use(address):
-            raise ConfigError(f"{path}: node.{key} = {address!r}: port is already in use")
+            raise ConfigError(f"{path}: node.{key} = {brief(address)}: port is already in use")
     for raw, b in zip(data.get("bridges") or [], cfg.bridges, strict=True):
         if "node" not in raw:  # bridges connect to the node of this file unless told otherwise
             b.node = cfg.node.bind
         elif b.node != cfg.node.bind:
             raise ConfigError(
-                f"{path}: bridges[{b.id}].node = {b.node!r} is not node.bind {cfg.node.bind!r}"
+                f"{path}: bridges[{b.id}].node = {brief(b.node)} is not node.bind {brief(cfg.node.bind)}"
             )
     return cfg

@@ -5,6 +5,11 @@ with the live model's environment, so with every connected bridge) and swaps it 
 ticks; a refused model leaves the old one serving and the reason is printed. ``--shadow`` runs
 the candidate beside the live actor instead (its actions are logged, not sent; ``ddpg status``
 shows how far the two disagree); ``--rollback`` returns to the previous model.
+
+The node refuses a model file that is not a regular file or is over ``max_model_mb``, and one
+whose measured batch-1 inference or memory does not fit its limits (the reason gives the
+figures). Deploying needs the node's admin token, found on its own when run as the node's user
+on its machine (``--token-file`` otherwise).
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout",
         type=float,
-        default=60.0,
+        default=90.0,
         metavar="S",
-        help="how long to wait for the node to load the model (default: 60)",
+        help="how long to wait for the node to load, measure and swap in the model (default: "
+        "90; the node itself gives up after its deploy_timeout_s, 60 by default)",
     )
     parser.add_argument("--json", action="store_true", help="print the node's answer as JSON")
 
@@ -45,15 +51,18 @@ def run(args: argparse.Namespace) -> int:
         print("ddpg deploy: error: give MODEL.onnx or --rollback (one of them)", file=sys.stderr)
         return 2
     if args.model is not None and not args.model.is_file():
-        print(f"ddpg deploy: error: {args.model}: no such file", file=sys.stderr)
+        why = "not a regular file" if args.model.exists() else "no such file"
+        print(f"ddpg deploy: error: {args.model}: {why}", file=sys.stderr)
         return 1
     try:
         address = admin_address(args.node, args.launch)
         if args.rollback:
-            reply = request(address, "rollback", args.timeout)
+            reply = request(address, "rollback", args.timeout, args.token_file)
         else:
             path = str(args.model.resolve())  # the node's working directory may differ
-            reply = request(address, "deploy", args.timeout, path=path, shadow=args.shadow)
+            reply = request(
+                address, "deploy", args.timeout, args.token_file, path=path, shadow=args.shadow
+            )
     except AdminError as e:
         print(f"ddpg deploy: error: {e}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,11 @@ from control_node.decisions import read_decisions
 from control_node.node.clock import periods_per_step
 from control_node.processes import Child, NotReady, last_json, wait_for_admin
 from control_node.realtime import assign_cpus, describe
+from control_node.translog.schema import LogError
+from control_node.translog.writer import check_writable
+
+CHECK_TIMEOUT_S = 60.0
+"""How long the continual trainer's start-up check of the init run may take."""
 
 EXAMPLES = """\
 examples:
@@ -68,6 +74,7 @@ class Launcher:
             argv = [sys.executable, "-m", "training.continual", str(launch_file)]
             self.continual = Child("continual", argv)
         self._stop = False
+        self.continual_failed: int | None = None  # its exit code, once it died
 
     def request_stop(self) -> None:
         self._stop = True
@@ -199,6 +206,7 @@ class Launcher:
                     and self.bridges
                 ):
                     break  # every bridge ran its episodes
+                self._watch_continual()
                 if not self.quiet and time.monotonic() >= next_report:
                     next_report += 5.0
                     try:
@@ -210,6 +218,18 @@ class Launcher:
             return self._finish(time.monotonic() - start, error=None)
         except LaunchError as e:
             return self._finish(time.monotonic() - start, error=str(e))
+
+    def _watch_continual(self) -> None:
+        """Say once that the continual trainer died; the loop serves on, the launch fails."""
+        c = self.continual
+        if c is None or self.continual_failed is not None or c.proc is None or c.alive():
+            return
+        if c.proc.returncode != 0:
+            self.continual_failed = c.proc.returncode
+            self._say(
+                f"continual retraining exited with code {c.proc.returncode} (its error is above); "
+                "the node serves on"
+            )
 
     def _finish(self, wall_s: float, error: str | None) -> dict[str, Any]:
         if self.continual is not None and self.continual.alive():
@@ -229,6 +249,9 @@ class Launcher:
         summary = summarize(self.cfg, node, bridge_summaries, self.bridges, wall_s, error)
         if self.continual is not None:
             summary["continual"] = read_decisions(Path(self.cfg.continual.out_dir), self.started)
+            summary["continual_exit_code"] = self.continual_failed
+            if self.continual_failed is not None:
+                summary["ok"] = False
         return summary
 
 
@@ -242,8 +265,10 @@ def summarize(
 ) -> dict[str, Any]:
     sent = sum(b.get("transitions_sent", 0) for b in bridges)
     models = node.get("model_ids", [])
+    log = node.get("log") or {}
+    log_failed = bool(log.get("write_errors") or log.get("dropped"))
     return {
-        "ok": error is None and bool(node),
+        "ok": error is None and bool(node) and (not log_failed or cfg.node.tolerate_log_errors),
         "error": error,
         "wall_s": round(wall_s, 2),
         "model_id": node.get("model_id"),
@@ -259,6 +284,9 @@ def summarize(
         "obs_age_us": node.get("obs_age_us", {}),
         "transitions_logged": node.get("transitions_logged", 0),
         "transitions_sent": sent,
+        "log_write_errors": log.get("write_errors", 0),
+        "transitions_lost": log.get("dropped", 0),
+        "log_last_error": log.get("last_error", ""),
         "episodes": node.get("episodes", 0),
         "mean_return": node.get("mean_return"),
         "returns_by_model": node.get("returns_by_model", {}),
@@ -303,7 +331,13 @@ def render(s: dict[str, Any]) -> str:
         f"node latency p50 {lat['p50']:.0f} us, p99 {lat['p99']:.0f} us; "
         f"rejected {s['rejected_messages']}, safe actions {s['safe_actions']}",
         f"transitions logged {s['transitions_logged']} of {s['transitions_sent']} sent, in "
-        f"{s['log_dir']}",
+        f"{s['log_dir']}"
+        + (
+            f"; LOG FAILED: {s['log_write_errors']} write errors, {s['transitions_lost']} "
+            f"transitions lost (last: {s['log_last_error'][:200]})"
+            if s["log_write_errors"] or s["transitions_lost"]
+            else ""
+        ),
         f"episodes {s['episodes']}, mean return "
         + ("-" if mean is None else f"{mean:.1f}")
         + f"; model ids {', '.join(s['model_ids'])}",
@@ -339,6 +373,27 @@ def render(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _refusal(cfg: LaunchConfig, launch_file: Path) -> str | None:
+    """Why the launch cannot start, found before anything does (None: it can): a log
+    directory that cannot be written, an init run the continual trainer refuses."""
+    if cfg.node.log_dir is not None:
+        try:
+            check_writable(Path(cfg.node.log_dir))
+        except LogError as e:
+            return f"{launch_file}: node.log_dir: {e}"
+    if not cfg.continual.enabled:
+        return None
+    argv = [sys.executable, "-m", "training.continual", "--check", str(launch_file)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"continual mode: checking the init run took over {CHECK_TIMEOUT_S:g} s"
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+    return f"continual mode: {lines[-1].removeprefix('continual: error: ')[:500]}"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_launch(args.launch_file)
@@ -354,6 +409,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.continual.enabled and cfg.node.log_dir is None:
         print("ddpg launch: error: continual mode needs node.log_dir", file=sys.stderr)
         return 1
+    why = _refusal(cfg, args.launch_file)
+    if why:
+        print(f"ddpg launch: error: {why}", file=sys.stderr)
+        return 1
     launcher = Launcher(cfg, args.launch_file, quiet=args.quiet)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: launcher.request_stop())
@@ -362,6 +421,12 @@ def run(args: argparse.Namespace) -> int:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
         args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2) if args.json else render(summary), flush=True)
+    if not summary["ok"] and (summary["log_write_errors"] or summary["transitions_lost"]):
+        print(
+            "ddpg launch: error: the transition log failed (above); exit 1 "
+            "(node.tolerate_log_errors: true exits 0)",
+            file=sys.stderr,
+        )
     return 0 if summary["ok"] else 1
 
 

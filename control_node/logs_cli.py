@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ EXAMPLES = """\
 examples:
   ddpg logs logs/pendulum                      # counts, episodes, returns per model
   ddpg logs logs/robot-a logs/robot-b --json   # several directories of one robot, as JSON
+  ddpg logs logs --to-minari robot/pendulum-v0 --out datasets   # a Minari dataset (minari extra)
 """
 
 
@@ -27,6 +29,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "dirs", nargs="+", type=Path, metavar="DIR", help="transition log directories"
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON to stdout")
+    parser.add_argument(
+        "--to-minari",
+        metavar="DATASET_ID",
+        help="write the log as this Minari dataset (one episode per run of consecutive steps; "
+        "needs the minari extra) instead of summarising it",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="ROOT",
+        help="with --to-minari: the datasets root, as MINARI_DATASETS_PATH names it (default: "
+        "MINARI_DATASETS_PATH, else ~/.minari/datasets)",
+    )
 
 
 def _num(value: float | None, spec: str = ".2f") -> str:
@@ -120,6 +135,11 @@ def run(args: argparse.Namespace) -> int:
     def warn(line: str) -> None:
         print(f"ddpg logs: warning: {line}", file=sys.stderr)
 
+    if args.to_minari is not None:
+        return _to_minari(args, warn)
+    if args.out is not None:
+        print("ddpg logs: error: --out goes with --to-minari", file=sys.stderr)
+        return 2
     try:
         contents = read_logs(args.dirs, warn=warn)
     except (LogError, OSError) as e:
@@ -130,4 +150,28 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary))
+    return 0
+
+
+def _to_minari(args: argparse.Namespace, warn: Callable[[str], None]) -> int:
+    """``--to-minari``: the export (:mod:`control_node.minari_export`) and one line about it."""
+    from control_node.minari_export import ExportError, to_minari
+
+    try:
+        done = to_minari(args.dirs, args.to_minari, args.out, warn=warn)
+    except (ExportError, OSError) as e:
+        print(f"ddpg logs: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # Minari's own refusals (a malformed dataset id)
+        print(f"ddpg logs: error: minari: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(done, indent=2))
+    else:
+        ends = ", ".join(f"{n} {end}" for end, n in done["episode_ends"].items())
+        print(
+            f"minari dataset {done['dataset_id']} in {done['path']}: {done['total_episodes']} "
+            f"episodes ({ends}), {done['total_steps']} steps of {done['transitions_logged']} "
+            f"logged transitions; load it with MINARI_DATASETS_PATH={done['root']}"
+        )
     return 0

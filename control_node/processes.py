@@ -8,10 +8,14 @@ printed last.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -22,6 +26,21 @@ from control_node.admin import AdminError, request
 
 STOP_TIMEOUT_S = 10.0
 """How long a child gets to stop cleanly after SIGTERM before it is killed."""
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LIBC = (
+    ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
+)
+
+
+def _die_with(parent: int) -> None:
+    """In the child, before exec: SIGTERM when the parent dies, however it dies (kill -9 too),
+    so a killed launcher leaves no node or bridge behind; they stop as on Ctrl-C. If the
+    parent is already gone (it died during the fork), stop now."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass
@@ -42,6 +61,8 @@ class Child:
     new_session: bool = True
     """Its own session and process group, so a Ctrl-C at the terminal reaches only us, and we
     stop the children in order."""
+    die_with_parent: bool = True
+    """SIGTERM when the process that started it dies (Linux: PR_SET_PDEATHSIG)."""
     proc: subprocess.Popen[str] | None = None
     restarts: int = 0
     outputs: list[str] = field(default_factory=list)
@@ -63,6 +84,9 @@ class Child:
                 start_new_session=self.new_session,
                 env=env,
                 cwd=self.cwd,
+                preexec_fn=functools.partial(_die_with, os.getpid())
+                if self.die_with_parent
+                else None,
             )
 
     def alive(self) -> bool:

@@ -107,6 +107,22 @@ _MAX_LAYOUTS = 8
 _unpackb = msgpack.unpackb
 
 
+def short(value: Any, limit: int = 64) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for log lines and error replies: a peer's
+    value can be megabytes long or hold control bytes (repr escapes them; a str's repr is
+    taken of at most ``4 * limit`` characters of it, so a huge one costs nothing)."""
+    if isinstance(value, str | bytes) and len(value) > 4 * limit:
+        value = value[: 4 * limit]
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def max_frame_bytes(obs_nbytes: int) -> int:
+    """The largest frame a node accepts (ZeroMQ's MAXMSGSIZE, applied per frame): a header, or
+    one observation array."""
+    return max(MAX_HEADER_BYTES, obs_nbytes)
+
+
 class ProtocolError(ValueError):
     """A message that cannot be accepted. ``code`` is a short machine-readable word (counted per
     code by the node); the message text is the human reason sent back to the peer."""
@@ -204,8 +220,8 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
     less ``v``, ``type`` and ``arrays``."""
     if not frames:
         raise ProtocolError("bad_frames", "empty message")
-    frame = bytes(frames[0])
-    if len(frame) > MAX_HEADER_BYTES:
+    frame = frames[0]
+    if len(frame) > MAX_HEADER_BYTES:  # before any copy: the size is known without one
         raise ProtocolError("bad_header", f"header is {len(frame)} bytes (max {MAX_HEADER_BYTES})")
     try:
         header = _unpackb(frame, raw=False, strict_map_key=True)

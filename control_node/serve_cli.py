@@ -2,7 +2,8 @@
 
 Flags override the ``node:`` section of ``--config launch.yaml`` (or the defaults without it).
 At the end the node says goodbye to its bridges, commits the transition log and prints its
-final status (``--json`` for the whole of it, or a one-line summary).
+final status (``--json`` for the whole of it, or a one-line summary). It exits 1 when the log
+failed to write or lost transitions, unless ``--tolerate-log-errors true``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from control_node.argv import REALTIME, add_realtime_arguments, realtime_values
+from control_node.argv import REALTIME, _bool, add_realtime_arguments, realtime_values
 from control_node.config import (
     ConfigError,
     NodeConfig,
@@ -47,6 +48,8 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, metavar="A,B,..", help=help_text + "; comma-separated")
         elif f.name == "log_dir":
             parser.add_argument(flag, metavar="DIR", help=help_text + "; 'none' turns it off")
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, type=_bool, metavar="{true,false}", help=help_text)
         else:
             kind = {float: float, int: int}.get(type(f.default), str)  # type: ignore[arg-type]
             parser.add_argument(flag, type=kind, metavar=f.name.upper(), help=help_text)
@@ -90,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from control_node.node.loop import ControlNode, NodeError
-    from control_node.node.status import summary_line
+    from control_node.node.status import log_trouble, summary_line
 
     try:
         cfg = node_config_from_args(args)
@@ -111,4 +114,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(final, indent=2))
     else:
         print(f"ddpg serve: {summary_line(final)}")
+    trouble = log_trouble(final.get("log"))
+    if trouble and not cfg.tolerate_log_errors:
+        print(
+            f"ddpg serve: error: the transition log failed ({trouble.split(': ', 1)[1]}; last: "
+            f"{final['log']['last_error'][:300]}); exit 1 (--tolerate-log-errors true: exit 0)",
+            file=sys.stderr,
+        )
+        return 1
     return 0

@@ -1,8 +1,10 @@
 """Export an :class:`~models.networks.Actor` to ONNX as the whole deterministic policy.
 
 The graph takes the raw observation (``obs``, float32, dynamic batch) and returns the action in
-the environment's units (``action``): batch-norm observation normalisation, the MLP, tanh and the
-scaling to the Box bounds are all inside it, so no caller has to post-process. The export is
+the environment's units (``action``): the observation normalisation (the standardisation of a run
+trained with ``--obs-norm``, a :class:`~models.networks.StandardizedActor`, and/or batch norm),
+the MLP, tanh and the scaling to the Box bounds are all inside it, so no caller has to pre- or
+post-process. A standardised actor's parity probes lie around its training data. The export is
 refused, and nothing is written, unless the ONNX model matches the torch actor on the probe
 observations to ``tolerance`` (or, for an actor whose own float32 evaluation is less exact than
 that, a few times torch's float32 error) and passes the same checks the runtime policy makes
@@ -31,7 +33,7 @@ import numpy as np
 import onnx
 import torch
 
-from models.networks import Actor
+from models.networks import Actor, StandardizedActor
 from models.pixel_networks import PixelActor
 from models.policy import (
     INPUT_NAME,
@@ -88,7 +90,18 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _to_onnx(actor: Actor | PixelActor) -> onnx.ModelProto:
+StateActor = Actor | StandardizedActor
+
+
+def obs_norm_kind(actor: StateActor) -> str:
+    """The metadata's ``obs_norm``: what normalises the raw observation inside the graph."""
+    batch_norm = isinstance(actor.obs_norm, torch.nn.BatchNorm1d)
+    if isinstance(actor, StandardizedActor):
+        return "standardize+batch_norm" if batch_norm else "standardize"
+    return "batch_norm" if batch_norm else "none"
+
+
+def _to_onnx(actor: StateActor | PixelActor) -> onnx.ModelProto:
     """torch.onnx (dynamo exporter; needs onnxscript) with a dynamic batch dimension."""
     if isinstance(actor, PixelActor):
         example = torch.zeros(2, *actor.obs_shape, dtype=torch.uint8)
@@ -125,7 +138,7 @@ def _to_onnx(actor: Actor | PixelActor) -> onnx.ModelProto:
     return model
 
 
-def actor_metadata(actor: Actor | PixelActor, model_id: str, **fields: Any) -> ActorMetadata:
+def actor_metadata(actor: StateActor | PixelActor, model_id: str, **fields: Any) -> ActorMetadata:
     """Metadata for ``actor``: shapes, dtypes and action bounds from the module; the rest
     (env_id, obs_low/obs_high, preset, run_name, train_steps, seed, eval_seed, and for a pixel
     actor ``pixels``, the spec as JSON) from ``fields``."""
@@ -163,13 +176,26 @@ def actor_metadata(actor: Actor | PixelActor, model_id: str, **fields: Any) -> A
         act_dtype="float32",
         act_low=act_low.reshape(-1),
         act_high=act_high.reshape(-1),
-        obs_norm="batch_norm" if isinstance(actor.obs_norm, torch.nn.BatchNorm1d) else "none",
+        obs_norm=obs_norm_kind(actor),
         **fields,
     )
 
 
+def _around_training_data(
+    module: StandardizedActor, probes: np.ndarray, meta: ActorMetadata
+) -> np.ndarray:
+    """Standard-normal probes moved to where the training observations were (mean + z * std),
+    within the observation bounds: around zero, a standardised actor with far-off means would
+    only be probed where its inputs are clipped."""
+    mean = module.standardize.mean.numpy().astype(np.float64)
+    std = 1.0 / module.standardize.inv_std.numpy().astype(np.float64)
+    moved = mean + probes.astype(np.float64) * std
+    low, high = meta.obs_low.reshape(meta.obs_shape), meta.obs_high.reshape(meta.obs_shape)
+    return np.clip(moved, low, high).astype(np.float32)
+
+
 def export_actor(
-    actor: Actor | PixelActor,
+    actor: StateActor | PixelActor,
     path: str | Path,
     *,
     probes: int = PARITY_PROBES,
@@ -213,6 +239,8 @@ def export_actor(
         # onnxruntime sum in different orders, and each alone is a few 1e-6 off the exact
         # policy; comparing against the exact one keeps the 1e-5 bound about the export.
         obs = probe_observations(meta, probes, seed=1, wide=False)
+        if isinstance(module, StandardizedActor):
+            obs = _around_training_data(module, obs, meta)
         with torch.no_grad():
             exact = copy.deepcopy(module).double()
             # uint8 probes go in as float64 0..255: the encoder's cast and /255 then run in

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,8 +48,47 @@ def register_action_bounds(
     return int(low.numel())
 
 
+class ResidualBlock(nn.Module):
+    """Simba's block (Lee et al. 2024): ``x + W2 relu(W1 norm(x))``, the inner layer 4x wide.
+
+    ``norm`` is ``"layer"`` (Simba) or ``"batch"`` (a CrossQ critic: batch statistics are
+    what stand in for its target network)."""
+
+    def __init__(self, width: int, norm: str = "layer") -> None:
+        super().__init__()
+        self.norm = _norm(norm, width)
+        self.up = nn.Linear(width, 4 * width)
+        self.down = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+def _norm(kind: str, width: int) -> nn.Module:
+    """A normalisation layer: LayerNorm, BatchNorm (CrossQ's momentum: flax 0.99, torch 0.01)
+    or none."""
+    if kind == "layer":
+        return nn.LayerNorm(width)
+    if kind == "batch":
+        return nn.BatchNorm1d(width, momentum=0.01)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be 'layer', 'batch' or 'none', got {kind!r}")
+
+
+def simba_body(in_dim: int, hidden: Sequence[int], norm: str = "layer") -> nn.Sequential:
+    """Simba's encoder: a linear embedding to the width, a residual block per ``hidden`` entry
+    (all equal), and a final normalisation."""
+    if len(set(hidden)) != 1:
+        raise ValueError(f"Simba blocks need equal widths, got {tuple(hidden)}")
+    width = hidden[0]
+    blocks = [ResidualBlock(width, norm) for _ in hidden]
+    return nn.Sequential(nn.Linear(in_dim, width), *blocks, _norm(norm, width))
+
+
 class Actor(nn.Module):
-    """Deterministic policy ``mu(s)``: MLP with ReLU hidden layers and a tanh output.
+    """Deterministic policy ``mu(s)``: MLP with ReLU hidden layers and a tanh output, or with
+    ``residual`` Simba's residual LayerNorm encoder (:func:`simba_body`) before the tanh head.
 
     ``obs_norm`` adds a batch-normalisation layer on the state input (the paper's choice); in
     eval mode it is a fixed affine map, exported with the rest of the graph.
@@ -62,6 +102,7 @@ class Actor(nn.Module):
         hidden: Sequence[int] = (256, 256),
         obs_norm: bool = False,
         final_init: float | None = None,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         self.obs_dim = obs_dim
@@ -69,7 +110,9 @@ class Actor(nn.Module):
         self.obs_norm = nn.BatchNorm1d(obs_dim) if obs_norm else nn.Identity()
         layers: list[nn.Module] = []
         width = obs_dim
-        for h in hidden:
+        if residual:
+            layers, width = list(simba_body(obs_dim, hidden)), hidden[0]
+        for h in () if residual else hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
         self.body = nn.Sequential(*layers)
@@ -84,6 +127,67 @@ class Actor(nn.Module):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """The policy's action in the environment's units."""
         return self.normalized(obs) * self.action_scale + self.action_bias
+
+
+class Standardize(nn.Module):
+    """Fixed observation standardisation, ``clamp((obs - mean) * inv_std, -clip, clip)``, in
+    float32: the training run's running statistics frozen into the exported graph (the trainer
+    applies the same operations to the observations its networks see), so a deployed actor
+    takes raw observations."""
+
+    def __init__(
+        self,
+        mean: Sequence[float] | torch.Tensor | np.ndarray,
+        inv_std: Sequence[float] | torch.Tensor | np.ndarray,
+        clip: float,
+    ) -> None:
+        super().__init__()
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        inv_std_t = torch.as_tensor(inv_std, dtype=torch.float32).reshape(-1)
+        if mean_t.shape != inv_std_t.shape:
+            raise ValueError(f"mean has {mean_t.numel()} values, inv_std {inv_std_t.numel()}")
+        if not (torch.isfinite(mean_t).all() and torch.isfinite(inv_std_t).all()):
+            raise ValueError("standardisation statistics must be finite")
+        if not clip > 0:
+            raise ValueError(f"clip must be positive, got {clip}")
+        self.register_buffer("mean", mean_t)
+        self.register_buffer("inv_std", inv_std_t)
+        self.clip = float(clip)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.clamp((obs - self.mean) * self.inv_std, -self.clip, self.clip)
+
+
+class StandardizedActor(nn.Module):
+    """The deployed policy of a run trained with observation normalisation: the fixed
+    :class:`Standardize`, then the trained :class:`Actor` (what the exporter writes)."""
+
+    def __init__(self, actor: Actor, standardize: Standardize) -> None:
+        super().__init__()
+        if standardize.mean.numel() != actor.obs_dim:
+            raise ValueError(
+                f"standardisation has {standardize.mean.numel()} dimensions, the actor "
+                f"takes {actor.obs_dim}"
+            )
+        self.standardize = standardize
+        self.actor = actor
+        self.obs_dim, self.act_dim = actor.obs_dim, actor.act_dim
+
+    @property
+    def action_scale(self) -> torch.Tensor:
+        return self.actor.action_scale
+
+    @property
+    def action_bias(self) -> torch.Tensor:
+        return self.actor.action_bias
+
+    @property
+    def obs_norm(self) -> nn.Module:
+        """The inner actor's batch norm (or Identity), after the standardisation."""
+        return self.actor.obs_norm
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.actor(self.standardize(obs))
 
 
 class EnsembleLinear(nn.Module):
@@ -171,3 +275,60 @@ def _members(layer: EnsembleLinear, n: int) -> tuple[torch.Tensor, torch.Tensor]
     if n == layer.weight.shape[0]:
         return layer.weight, layer.bias
     return layer.weight[:n], layer.bias[:n]
+
+
+class BlockCritic(nn.Module):
+    """``n_q`` independent Q-networks on ``concat(s, a)`` built from normalised blocks; returns
+    ``[n_q, B, out]``: ``out`` 1 for a scalar Q, ``num_atoms`` logits for a categorical one.
+
+    ``residual``: Simba's encoder (:func:`simba_body`); else ReLU layers. ``norm``: ``"layer"``
+    (Simba), ``"batch"`` (CrossQ: batch norm on the input and in every hidden layer, in Simba
+    blocks instead of LayerNorm) or ``"none"``. Members are separate modules (a Python loop of
+    ``n_q``): a normalisation layer's scale and shift belong to one member.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden: Sequence[int],
+        n_q: int = 2,
+        residual: bool = False,
+        norm: str = "none",
+        out: int = 1,
+        final_init: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.n_q, self.out = n_q, out
+        self.members = nn.ModuleList(
+            self._member(obs_dim + act_dim, hidden, residual, norm, out, final_init)
+            for _ in range(n_q)
+        )
+
+    @staticmethod
+    def _member(
+        in_dim: int,
+        hidden: Sequence[int],
+        residual: bool,
+        norm: str,
+        out: int,
+        final_init: float | None,
+    ) -> nn.Sequential:
+        # CrossQ normalises the raw (s, a) input too; LayerNorm models (Simba) do not.
+        layers: list[nn.Module] = [_norm(norm, in_dim) if norm == "batch" else nn.Identity()]
+        if residual:
+            layers.append(simba_body(in_dim, hidden, norm))
+            width = hidden[0]
+        else:
+            width = in_dim
+            for h in hidden:
+                layers += [nn.Linear(width, h), nn.ReLU(), _norm(norm, h)]
+                width = h
+        head = nn.Linear(width, out)
+        if final_init is not None:
+            _uniform_final(head.weight, head.bias, final_init)
+        return nn.Sequential(*layers, head)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, action], dim=-1)
+        return torch.stack([m(x) for m in self.members])

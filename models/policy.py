@@ -18,7 +18,10 @@ import functools
 import hashlib
 import json
 import math
+import os
+import stat
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -41,6 +44,10 @@ PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 DEFAULT_PROBES = 256
+DEFAULT_MAX_BYTES = 256 * 2**20
+"""The largest model file read (a deploy's limit is the node's ``max_model_mb``)."""
+_KINDS = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}  # fmt: skip
 
 
 class PolicyError(ValueError):
@@ -89,7 +96,9 @@ class ActorMetadata:
     act_low: np.ndarray
     act_high: np.ndarray
     obs_norm: str
-    """How observations are normalised inside the graph: 'none' or 'batch_norm'."""
+    """How observations are normalised inside the graph: 'none', 'batch_norm', 'standardize'
+    (the training run's running mean and variance, fixed: ``--obs-norm``) or
+    'standardize+batch_norm' (both, in that order)."""
     preset: str
     run_name: str
     train_steps: int
@@ -196,13 +205,14 @@ class ActorMetadata:
             problems.append("action bounds are not finite")
         elif not (self.act_low <= self.act_high).all():
             problems.append("action low bound exceeds high bound")
-        if self.obs_norm not in ("none", "batch_norm"):
-            problems.append(f"obs_norm {self.obs_norm!r} is not 'none' or 'batch_norm'")
+        if self.obs_norm not in OBS_NORMS:
+            problems.append(f"obs_norm {self.obs_norm!r} is not one of {list(OBS_NORMS)}")
         if problems:
             raise PolicyError(f"{source}: inconsistent metadata: {'; '.join(problems)}")
 
 
 _OPTIONAL_FIELDS = frozenset({"pixels"})
+OBS_NORMS = ("none", "batch_norm", "standardize", "standardize+batch_norm")
 _ONNX_TYPES = {"float32": "tensor(float)", "uint8": "tensor(uint8)"}
 
 
@@ -242,6 +252,58 @@ def read_metadata(model: onnx.ModelProto, source: str = "model") -> ActorMetadat
 
 
 # -- checks -----------------------------------------------------------------------------------
+def read_model_file(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a model file, refused unless it is a regular file of at most ``max_bytes``:
+    opened without blocking (a FIFO never answers a blocking open) and measured before it is
+    read (``/dev/zero`` never ends)."""
+    source = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise PolicyError(f"{source}: cannot read model file: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            raise PolicyError(f"{source}: is {kind}, not a regular model file")
+        if st.st_size > max_bytes:
+            raise PolicyError(
+                f"{source}: {st.st_size / 2**20:.1f} MB, over the limit of {max_bytes / 2**20:g} MB"
+            )
+        os.set_blocking(fd, True)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PolicyError(f"{source}: grew past the limit of {max_bytes / 2**20:g} MB while read")
+    return data
+
+
+def time_batch1(
+    policy: OnnxPolicy, max_runs: int = 200, max_s: float = 1.0, give_up_ns: int | None = None
+) -> list[int]:
+    """Batch-1 inference times (ns) on probe observations, as the loop runs it (the bound
+    batch of 1): up to ``max_runs`` runs or ``max_s`` seconds, after 3 warm-up runs; stops
+    after 3 runs once the median is over ``give_up_ns``."""  # fmt: skip
+    one = policy.batch(1)
+    probes = probe_observations(policy.metadata, 16, seed=1)
+    for i in range(3):
+        one.obs[0] = probes[i]
+        one.run()
+    times: list[int] = []
+    end = time.monotonic() + max_s
+    while len(times) < max_runs and (len(times) < 3 or time.monotonic() < end):
+        one.obs[0] = probes[len(times) % len(probes)]
+        t0 = time.perf_counter_ns()
+        one.run()
+        times.append(time.perf_counter_ns() - t0)
+        if (
+            give_up_ns is not None
+            and len(times) >= 3
+            and sorted(times)[len(times) // 2] > give_up_ns
+        ):
+            break
+    return times
+
+
 def load_checked_proto(data: bytes, source: str) -> tuple[onnx.ModelProto, ActorMetadata]:
     """Parse and statically check a serialized actor: structure, metadata, weights, model id."""
     if not data:
@@ -430,13 +492,16 @@ class OnnxPolicy:
         provider: str = "cpu",
         threads: int = 1,
         probes: int = DEFAULT_PROBES,
+        data: bytes | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
+        """``data``: the file's bytes, already read (a deploy reads them once, so what is
+        measured and what serves are the same); else ``path`` is read (:func:`read_model_file`
+        with ``max_bytes``)."""
         self.path = Path(path)
         source = str(self.path)
-        try:
-            data = self.path.read_bytes()
-        except OSError as e:
-            raise PolicyError(f"{source}: cannot read model file: {e.strerror}") from None
+        if data is None:
+            data = read_model_file(self.path, max_bytes)
         _, self.metadata = load_checked_proto(data, source)
         meta = self.metadata
         if expect is not None:

@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sim_bridge.bridge import Bridge, BridgeError
+    from sim_bridge.bridge import Bridge
+    from sim_bridge.client import ClientError
     from sim_bridge.envs import EnvError
 
     values: dict[str, Any] = {
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: bridge.request_stop())
     try:
         summary = bridge.run(args.duration)
-    except (BridgeError, EnvError) as e:  # EnvError: off-screen rendering failed at the reset
+    except (ClientError, EnvError) as e:  # EnvError: off-screen rendering failed at the reset
         print(f"ddpg bridge: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -7,8 +7,13 @@ bridge all make their environments here.
 
 from __future__ import annotations
 
+import functools
+import signal
+from collections.abc import Callable
+
 import gymnasium as gym
 import numpy as np
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
 
 from models.spec import PixelSpec, RobotSpec
 
@@ -60,3 +65,34 @@ def env_spec(env_id: str, env: gym.Env) -> RobotSpec:
         obs_dtype="float32" if pixels is None else "uint8",
         pixels=pixels if isinstance(pixels, PixelSpec) else None,
     )
+
+
+def make_vector_env(
+    make_one: Callable[[], gym.Env], n: int, asynchronous: bool = False
+) -> VectorEnv:
+    """``n`` environments from ``make_one`` stepped as one (``SyncVectorEnv``, or
+    ``AsyncVectorEnv``: one worker process each, ``make_one`` must pickle), in same-step
+    autoreset mode: a step that ends an episode resets that environment at once, returns the
+    new episode's first observation, and puts the ended one's last in ``info["final_obs"]``
+    (``info["_final_obs"]`` marks which), with its info in ``info["final_info"]``. That is a
+    single environment reset after its episode ended, which the trainer has always done; the
+    default next-step mode would spend a step with an ignored action on each reset.
+    ``reset(seed=s)`` seeds environment ``i`` with ``s + i``."""
+    if n < 1:
+        raise ValueError(f"a vector environment needs at least one environment, got {n}")
+    if asynchronous:
+        # forkserver: a worker starts from a clean process, not a fork of a trainer that has
+        # torch's threads running (and, from pixels, a GL context).
+        fns = [functools.partial(_in_worker, make_one)] * n
+        return AsyncVectorEnv(
+            fns, autoreset_mode=AutoresetMode.SAME_STEP, context="forkserver", daemon=True
+        )
+    return SyncVectorEnv([make_one] * n, autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+def _in_worker(make_one: Callable[[], gym.Env]) -> gym.Env:
+    """An async worker's environment. The worker ignores Ctrl-C: the terminal sends SIGINT to
+    the whole process group, and the trainer's own handler checkpoints after the current step,
+    which needs its workers alive (they exit with it: their pipe closes)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return make_one()

@@ -81,7 +81,9 @@ def make_env_for(env_id: str, pixels: Mapping[str, Any] | None) -> gym.Env:
     return make_pixel_env(env_id, PixelSpec.from_dict(pixels))
 
 
-class PixelObservation(gym.Wrapper[np.ndarray, np.ndarray, Any, np.ndarray]):
+class PixelObservation(
+    gym.Wrapper[np.ndarray, np.ndarray, Any, np.ndarray], gym.utils.RecordConstructorArgs
+):
     """Pixel observations with action repeat and frame stacking, uint8 end to end.
 
     ``reset`` fills the whole stack with the first frame, so nothing from an earlier episode
@@ -93,11 +95,17 @@ class PixelObservation(gym.Wrapper[np.ndarray, np.ndarray, Any, np.ndarray]):
     Stepping after an episode ended, or before the first reset, raises ``ResetNeeded``: a
     stack must never straddle two episodes. The GL context is created at the first render
     (the first reset), so a missing GL backend is reported there as ``EnvError``.
+
+    Its constructor arguments are recorded (``RecordConstructorArgs``), so ``env.spec`` names
+    this wrapper and its spec and ``gym.make(env.spec)`` rebuilds the whole pipeline: what
+    Gymnasium's ``check_env`` and vector environments expect of a wrapper.
     """
 
     def __init__(self, env: gym.Env, spec: PixelSpec | None = None) -> None:
-        super().__init__(env)
-        self.pixel_spec = spec = spec or PixelSpec()
+        spec = spec or PixelSpec()
+        gym.utils.RecordConstructorArgs.__init__(self, spec=spec)
+        gym.Wrapper.__init__(self, env)
+        self.pixel_spec = spec
         env_id = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
         self._env_id = env_id
         if env.render_mode != "rgb_array":
@@ -107,6 +115,13 @@ class PixelObservation(gym.Wrapper[np.ndarray, np.ndarray, Any, np.ndarray]):
             )
         _check_camera(env_id, env, spec.camera)
         self.state_space = env.observation_space
+        # It renders only rgb_array; a frame comes every `repeat` physics steps.
+        fps = env.metadata.get("render_fps")
+        self.metadata = {
+            **env.metadata,
+            "render_modes": ["rgb_array"],
+            "render_fps": fps / spec.repeat if fps else fps,
+        }
         self.observation_space = gym.spaces.Box(0, 255, spec.obs_shape, np.uint8)
         n = spec.stack
         self._ring = np.zeros((n, *spec.frame_shape), np.uint8)
@@ -170,11 +185,22 @@ class PixelObservation(gym.Wrapper[np.ndarray, np.ndarray, Any, np.ndarray]):
             self._resize = _resize_indices(self._env_id, rgb, self.pixel_spec.size)
             self._rendered = True
         else:
+            _make_context_current(self.env)
             rgb = self.env.render()
         if self._resize is not None:
             rows, cols = self._resize
             rgb = rgb[rows[:, None], cols]  # nearest neighbour: cheap, stays uint8
         return np.asarray(rgb).transpose(2, 0, 1)
+
+
+def _make_context_current(env: gym.Env) -> None:
+    """Make ``env``'s own GL context current. Gymnasium's MuJoCo renderer does so only when it
+    holds several viewers, so with several environments in one process (a vector env, a
+    training and an evaluation env) another one's context may be current, or already freed
+    (``check_env`` makes and closes environments): the frame would then come out black."""
+    viewer = getattr(getattr(env.unwrapped, "mujoco_renderer", None), "viewer", None)
+    if viewer is not None:
+        viewer.make_context_current()
 
 
 def _fix_free_camera(env: gym.Env) -> bool:

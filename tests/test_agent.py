@@ -124,7 +124,10 @@ def test_presets_match_the_papers() -> None:
     assert paper.learning_starts == 5_000
     assert (td3.noise, td3.noise_sigma) == ("gaussian", 0.1)
     assert td3.twin_q and (td3.policy_noise, td3.noise_clip, td3.policy_delay) == (0.2, 0.5, 2)
-    assert set(PRESETS) == {"paper", "td3", "drq"}  # drq: pixels only
+    assert set(PRESETS) == {"paper", "td3", "drq", "simba-crossq"}  # drq: pixels only
+    # the classic presets keep Adam's default beta1 and plain MLPs (tests/test_modern_preset.py)
+    assert paper.adam_beta1 == td3.adam_beta1 == 0.9
+    assert not any((td3.simba, td3.crossq, td3.distributional, td3.reset_every, td3.n_step - 1))
 
 
 def test_paper_initialisation_bounds_final_layers() -> None:
@@ -157,3 +160,53 @@ def test_overrides_win_over_the_preset() -> None:
     assert cfg.tau == 1e-3  # the rest still from the preset
     assert TrainConfig().preset == "td3"
     assert copy.deepcopy(cfg) == cfg
+
+
+@pytest.mark.parametrize("preset", ["paper", "td3"])
+@pytest.mark.parametrize("fast_update", [True, False])
+def test_obs_norm_updates_on_standardised_batches(preset: str, fast_update: bool) -> None:
+    """An --obs-norm agent given raw replay batches learns exactly what the same agent without
+    it learns from those batches standardised with its statistics, and acts on raw
+    observations as that one does on standardised ones."""
+    normed, buf = _agent(preset, obs_norm=True, fast_update=fast_update)
+    plain, _ = _agent(preset, fast_update=fast_update)  # the same seed: the same networks
+    assert normed.normalizer is not None
+    rng = np.random.default_rng(1)
+    normed.normalizer.update(rng.normal(size=(500, OBS)) * [1, 10, 0.1, 3, 1] + [0, 5, -2, 0, 9])
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(4):
+        raw = buf.sample(8, gen_a)
+        assert torch.equal(raw.obs, buf.sample(8, gen_b).obs)
+        torch.manual_seed(5)  # target policy smoothing draws the same noise in both
+        normed.update(raw)
+        torch.manual_seed(5)
+        plain.update(normed.normalizer.batch(raw))
+    for net in ("actor", "critic", "actor_target", "critic_target"):
+        a, b = _params(getattr(normed, net)), _params(getattr(plain, net))
+        assert all(torch.equal(a[k], b[k]) for k in a), net
+    obs = rng.normal(size=(3, OBS)).astype(np.float32) * 5
+    assert np.array_equal(normed.act(obs), plain.act(normed.normalizer.numpy(obs)))
+    # a batch of observations acts row by row
+    np.testing.assert_allclose(normed.act(obs)[1], normed.act(obs[1]), rtol=0, atol=1e-6)
+    state = normed.state_dict()
+    assert int(state["obs_norm"]["count"]) == 500 and "obs_norm" not in plain.state_dict()
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [{"distributional": True, "v_min": -10.0, "v_max": 10.0}, {"simba": True},
+     {"crossq": True}],
+    ids=["td3+c51", "td3+simba", "td3+crossq"],
+)  # fmt: skip
+def test_each_modern_switch_updates_on_the_td3_preset(switches: dict[str, object]) -> None:
+    """A switch of the modern preset works alone on td3: the update runs, its loss is finite,
+    the critic moves every step and the actor every policy_delay steps."""
+    agent, buf = _agent("td3", **switches)
+    actor0, critic0 = _params(agent.actor), _params(agent.critic)
+    metrics = agent.update(buf.sample(8))
+    assert torch.isfinite(metrics["critic_loss"])
+    assert any(not torch.equal(critic0[k], v) for k, v in _params(agent.critic).items())
+    assert all(torch.equal(actor0[k], v) for k, v in _params(agent.actor).items())
+    agent.update(buf.sample(8))
+    assert any(not torch.equal(actor0[k], v) for k, v in _params(agent.actor).items())
+    assert (agent.critic_target is None) == bool(switches.get("crossq"))

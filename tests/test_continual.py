@@ -1,5 +1,6 @@
 """Continual mode's init run: the launch checks its exported actor, and the continual trainer
-(``python -m training.continual``) its config, each refusing in one line.
+(``python -m training.continual``) its config, each refusing in one line; with ``--continual``
+the launch runs that check (``--check``) before it starts anything.
 
 The bug these pin down: a malformed ``continual.init`` config.yaml raised the trainer's own
 ConfigError inside the launch check, which only caught the launcher's, so ``ddpg launch`` (and
@@ -84,7 +85,8 @@ def test_a_malformed_init_config_stops_the_continual_trainer_in_one_line(tmp_pat
     assert not (tmp_path / "continual").exists()  # stopped before its first round
 
 
-def test_ddpg_launch_with_a_malformed_init_config_reports_one_line(tmp_path: Path) -> None:
+def test_ddpg_launch_with_a_malformed_init_config_refuses_in_one_line(tmp_path: Path) -> None:
+    # --continual: the launch runs the trainer's own check first, so nothing starts at all
     init = init_run(tmp_path, config=MALFORMED)
     done = subprocess.run(
         [*DDPG, "launch", str(continual_launch(tmp_path, init)), "--duration", "8", "--quiet"],
@@ -93,7 +95,8 @@ def test_ddpg_launch_with_a_malformed_init_config_reports_one_line(tmp_path: Pat
         env=ENV,
         timeout=120,
     )
-    assert "Traceback" not in done.stderr, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("continual:")]
-    assert errors == [f"continual: error: {init / 'config.yaml'}: {BAD_VALUE}"], done.stderr
-    assert done.returncode == 0, done.stderr  # the loop ran; only the retraining is off
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == (
+        f"ddpg launch: error: continual mode: {init / 'config.yaml'}: {BAD_VALUE}"
+    ), done.stderr
+    assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").iterdir())

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,11 @@ def test_a_bridge_for_another_robot_is_refused_with_the_reason(node: Node) -> No
 
 def test_status_command(node: Node) -> None:
     out = subprocess.run(
-        [*DDPG, "status", "--node", node.admin, "--json"], capture_output=True, text=True, env=ENV
+        [*DDPG, "status", "--node", node.admin, "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
     )
     status = json.loads(out.stdout)
     for key in ("model_id", "rate_hz", "ticks", "deadline_misses", "rejected_messages"):
@@ -228,7 +233,11 @@ def test_status_command(node: Node) -> None:
         assert key in status
     assert set(status["latency_us"]) >= {"p50", "p99", "max"}
     text = subprocess.run(
-        [*DDPG, "status", "--node", node.admin], capture_output=True, text=True, env=ENV
+        [*DDPG, "status", "--node", node.admin],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
     ).stdout
     assert "2ff52a327c6e434c" in text and "misses" in text
 
@@ -251,7 +260,11 @@ def test_launch_runs_the_loop_end_to_end(tmp_path: Path) -> None:
     assert summary["model_ids"] == ["2ff52a327c6e434c"] and "mean_return" in summary
     assert summary["ticks"] > 200 and summary["transitions_logged"] == summary["transitions_sent"]
     logs = subprocess.run(
-        [*DDPG, "logs", str(tmp_path / "logs"), "--json"], capture_output=True, text=True, env=ENV
+        [*DDPG, "logs", str(tmp_path / "logs"), "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
     )
     assert json.loads(logs.stdout)["transitions"] == summary["transitions_logged"] > 100
     assert "transitions logged" in done.stdout
@@ -281,7 +294,9 @@ def test_a_bad_launch_file_is_refused_naming_the_key(
     tmp_path: Path, changes: dict[str, Any], words: str
 ) -> None:
     launch = write_launch(tmp_path, **changes)
-    done = subprocess.run([*DDPG, "launch", str(launch)], capture_output=True, text=True, env=ENV)
+    done = subprocess.run(
+        [*DDPG, "launch", str(launch)], capture_output=True, text=True, env=ENV, timeout=120
+    )
     assert done.returncode == 1
     assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
@@ -294,7 +309,9 @@ def test_a_launch_file_whose_port_is_in_use_is_refused(tmp_path: Path) -> None:
     busy.bind(address)
     try:
         launch = write_launch(tmp_path, node__bind=address)
-        done = subprocess.run([*DDPG, "launch", str(launch)], capture_output=True, text=True)
+        done = subprocess.run(
+            [*DDPG, "launch", str(launch)], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 1 and "port is already in use" in done.stderr
     finally:
         busy.close()
@@ -321,8 +338,13 @@ def test_launch_restarts_a_crashed_bridge(tmp_path: Path) -> None:
     # (a broken bridge should not be retried at start); the node may already list it as live.
     assert proc.stderr is not None
     deadline = time.monotonic() + 60
-    while "bridge(s) running" not in proc.stderr.readline():
-        assert time.monotonic() < deadline and proc.poll() is None, "the launch did not start"
+    watchdog = threading.Timer(60, proc.kill)  # a silent launcher must not block readline
+    watchdog.start()
+    try:
+        while "bridge(s) running" not in proc.stderr.readline():
+            assert time.monotonic() < deadline and proc.poll() is None, "the launch did not start"
+    finally:
+        watchdog.cancel()
     first = wait_for("the bridge", live_pid)
     os.kill(first, signal.SIGKILL)
     second = wait_for("a restarted bridge", lambda: (p := live_pid()) != first and p)

@@ -200,7 +200,7 @@ def test_the_doctor_imports_nothing_heavy() -> None:
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
         "{'numpy', 'torch', 'gymnasium', 'mujoco', 'onnxruntime', 'zmq', 'msgpack'}))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "[]", done.stderr
 
 

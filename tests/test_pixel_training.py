@@ -101,7 +101,7 @@ def test_paper_pixel_preset_is_the_papers() -> None:
     ("overrides", "message"),
     [
         ({"preset": "drq"}, "preset 'drq' learns from pixels; add --pixels"),
-        ({"n_step": 3}, "n_step = 3 needs --pixels"),
+        ({"n_step": 0}, "n_step = 0 must be in 1..100"),  # any run may use n-step returns
         ({"augment_pad": 4}, "augment_pad = 4 needs --pixels"),
         ({"pixels": True, "pixel_size": 8}, "pixel_size = 8 must be in 16..256"),
         ({"pixels": True, "conv_strides": "2,2"}, "conv_strides = (2, 2) needs 3"),

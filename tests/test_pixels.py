@@ -3,8 +3,10 @@ across resets, action repeat against a hand-stepped env, determinism, and clear 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -286,3 +288,55 @@ def test_the_camera_does_not_depend_on_the_first_episode() -> None:
     finally:
         seen.close()
         fresh.close()
+
+
+# --- a well-formed Gymnasium wrapper --------------------------------------------------------
+def test_gymnasium_env_checker_passes_and_the_spec_rebuilds_the_pipeline(
+    make_pix: MakePix,
+) -> None:
+    """``check_env`` (spaces, seeding, determinism, render modes, re-making from ``env.spec``)
+    passes, and ``gym.make(env.spec)`` is the same pipeline: the same pixels for the same seed
+    and actions. Needs the wrapper's recorded constructor arguments."""
+    from gymnasium.utils.env_checker import check_env
+
+    spec = PixelSpec(size=32, stack=2, repeat=2)
+    env = make_pix(PENDULUM, spec, max_episode_steps=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its advice on wrapped envs and asymmetric actions
+        check_env(env)
+    assert env.metadata["render_modes"] == ["rgb_array"]
+    again = gym.make(env.spec)
+    try:
+        assert isinstance(again, PixelObservation) and again.pixel_spec == spec
+        a, b = env.reset(seed=7)[0], again.reset(seed=7)[0]
+        assert np.array_equal(a, b)
+        for value in (1.0, -1.0, 0.5):
+            assert np.array_equal(env.step(act(env, value))[0], again.step(act(env, value))[0])
+    finally:
+        again.close()
+
+
+def test_vector_env_of_pixel_pipelines_hands_back_each_final_frame(make_pix: MakePix) -> None:
+    """Same-step autoreset (sim_bridge.envs.make_vector_env): where an episode ends, the
+    observation is the new episode's first stack and the ended one's last frame is in
+    ``final_info``, for each environment on its own."""
+    from sim_bridge.envs import make_vector_env
+
+    spec = PixelSpec(size=32, stack=2, repeat=1)
+    envs = make_vector_env(
+        functools.partial(make_pixel_env, PENDULUM, spec, max_episode_steps=3), 2
+    )
+    plain = make_pix(PENDULUM, spec, max_episode_steps=3)
+    try:
+        obs, info = envs.reset(seed=5)
+        first, _ = plain.reset(seed=6)  # environment 1 is seeded 5 + 1
+        assert np.array_equal(obs[1], first)
+        for _ in range(3):
+            obs, _, terminated, truncated, info = envs.step(np.zeros((2, 1), np.float32))
+            last, _, _, plain_trunc, plain_info = plain.step(np.zeros(1, np.float32))
+        assert list(truncated) == [True, True] and not terminated.any() and plain_trunc
+        assert np.array_equal(info["final_obs"][1], last)
+        assert np.array_equal(info["final_info"]["frame"][1], plain_info["frame"])
+        assert np.array_equal(obs[1][:3], info["frame"][1])  # the reset frame fills the stack
+    finally:
+        envs.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hostile_models import slow_actor
 from loop_helpers import (
     DDPG,
     ENV,
@@ -56,7 +57,9 @@ OTHER, FIFO = 0, 1  # /proc/PID/task/TID/stat policy numbers
 
 def _rt_permitted() -> bool:
     probe = "import os; os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))"
-    return subprocess.run([*DDPG[:1], "-c", probe], capture_output=True).returncode == 0
+    return (
+        subprocess.run([*DDPG[:1], "-c", probe], capture_output=True, timeout=120).returncode == 0
+    )
 
 
 needs_rt = pytest.mark.skipif(
@@ -142,7 +145,7 @@ def test_serve_applies_the_settings_and_status_reports_them(tmp_path: Path) -> N
     for tid in threads:
         assert os.sched_getaffinity(tid) == {NODE_CPU}, threads[tid]
     io = [t for t in threads.values() if t[0].startswith("ZMQbg/IO/")]
-    assert io and all(t[1:] == (FIFO, 50) for t in io), threads
+    assert io and all(t[1:] == (FIFO, 50) for t in io), threads  # as the loop (io_priority)
     writer = [t for t in threads.values() if t[0].startswith("translog:")]
     assert writer and all(t[1:] == (OTHER, 0) for t in writer), threads  # the log writer
 
@@ -158,11 +161,19 @@ def test_serve_applies_the_settings_and_status_reports_them(tmp_path: Path) -> N
     }
 
     shown = subprocess.run(
-        [*DDPG, "status", "--node", node.admin, "--json"], capture_output=True, text=True, env=ENV
+        [*DDPG, "status", "--node", node.admin, "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
     )
     assert json.loads(shown.stdout)["realtime"]["sched_policy"] == "SCHED_FIFO", shown.stderr
     table = subprocess.run(
-        [*DDPG, "status", "--node", node.admin], capture_output=True, text=True, env=ENV
+        [*DDPG, "status", "--node", node.admin],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
     ).stdout
     assert f"real-time SCHED_FIFO 50, CPUs [{NODE_CPU}], memory locked" in table, table
     final = node.stop()
@@ -192,11 +203,30 @@ def test_bridge_applies_the_settings_and_gets_actions(tmp_path: Path) -> None:
 
 
 @needs_rt
+def test_a_lockstep_bridge_reads_its_answer_while_it_spins_for_it(tmp_path: Path) -> None:
+    """A lockstep bridge busy-waits (``spin_us``, 2 ms by default) for each answer, on its own
+    CPU at SCHED_FIFO. Its ZeroMQ I/O thread, which reads that answer, shares the CPU: one
+    priority above the loop thread it preempts the spin. (At the same priority it could read
+    only once the spin gave up: every round trip took the whole 2 ms.)"""
+    node = start_node(tmp_path, log=False, extra=("--cpus", str(NODE_CPU)))
+    bridge = start_bridge(node.bind, "--mode", "lockstep", "--cpus", str(BRIDGE_CPU))
+    wait_served(node, answered=200)
+    threads = thread_stats(bridge.pid)
+    io = [t for t in threads.values() if t[0].startswith("ZMQbg/IO/")]
+    assert io and all(t[1:] == (FIFO, 41) for t in io), threads
+    summary = stop_bridge(bridge)
+    node.stop()
+    round_trip = summary["round_trip_us"]
+    assert round_trip["n"] >= 200
+    assert round_trip["p50"] < 1000, round_trip  # well inside one 2 ms spin
+
+
+@needs_rt
 @pytest.mark.skipif(shutil.which("chrt") is None, reason="needs chrt (util-linux)")
 def test_helper_threads_run_at_normal_priority_under_a_real_time_loop(tmp_path: Path) -> None:
     """Started under ``chrt -f 30`` every thread begins SCHED_FIFO: the loop ends at 50, the log
-    writer and a deploy's loader at SCHED_OTHER (the loader is caught while it blocks opening a
-    named pipe as its model), and the loop serves on meanwhile."""
+    writer and a deploy's loader at SCHED_OTHER (the loader is caught while it waits for the
+    probe process measuring a slow model), and the loop serves on meanwhile."""
     bind, admin, logs = free_tcp_endpoint(), free_tcp_endpoint(), tmp_path / "logs"
     argv = [*DDPG, "serve", "--model", str(PENDULUM), "--bind", bind, "--admin", admin]
     proc = popen([*argv, "--log-dir", str(logs), "--json"], prefix=["chrt", "-f", "30"])
@@ -207,8 +237,7 @@ def test_helper_threads_run_at_normal_priority_under_a_real_time_loop(tmp_path: 
     threads = thread_stats(pid)
     assert [t[1:] for t in threads.values() if t[0] == "translog:logs"] == [(OTHER, 0)], threads
 
-    model = tmp_path / "slow.onnx"
-    os.mkfifo(model)
+    model = slow_actor(tmp_path / "slow.onnx", 200)  # ~0.1 s per observation: refused
     reply: dict[str, Any] = {}
 
     def deploy() -> None:
@@ -228,13 +257,8 @@ def test_helper_threads_run_at_normal_priority_under_a_real_time_loop(tmp_path: 
         ticks = node.status()["ticks"]
         wait_for("ticks while the loader waits", lambda: node.status()["ticks"] > ticks + 20)
     finally:
-        try:  # the loader reads garbage and refuses it
-            fd = os.open(model, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: no loader is reading
-            os.write(fd, b"not a model")
-            os.close(fd)
-        finally:
-            asker.join(30)
-    assert "slow.onnx: not a readable ONNX model" in reply["error"], reply
+        asker.join(30)
+    assert "slow.onnx: refused: batch-1 inference takes" in reply["error"], reply
     node.stop()
 
 
@@ -349,7 +373,9 @@ def test_flags_are_the_keys_and_round_trip() -> None:
     args = vars(parser.parse_args(bridge_flags(bridge)))
     assert {k.removeprefix("rt_"): v for k, v in args.items() if k.startswith("rt_")} == vars(rt)
     for cmd, priority in (("serve", 50), ("bridge", 40)):
-        text = subprocess.run([*DDPG, cmd, "--help"], capture_output=True, text=True, env=ENV)
+        text = subprocess.run(
+            [*DDPG, cmd, "--help"], capture_output=True, text=True, env=ENV, timeout=120
+        )
         flat = " ".join(text.stdout.split("examples:")[0].split())
         helps = {h.split()[0]: h for h in re.split(r" (?=--[a-z])", flat)}
         for key, default in (("--sched-policy", "fifo"), ("--sched-priority", priority),
@@ -395,3 +421,21 @@ def test_the_clock_collects_in_the_wait_with_the_time_left() -> None:
     clock.wait(t0 + 20_000_000)
     assert time.monotonic_ns() - t0 >= 20_000_000
     assert len(calls) >= 2 and 10_000_000 < calls[0] <= 20_000_000, calls
+
+
+def test_after_a_lockstep_answer_the_clock_busy_drains_then_sleeps() -> None:
+    """``hold`` (the sessions call it after each lockstep answer) keeps the wait draining, never
+    asleep in ``select``, for ``lockstep_spin_us``: the bridge's next observation is taken in at
+    once. Then the wait sleeps to its deadline as before, and without a hold it sleeps at once."""
+    looks: list[int] = []
+    cfg = NodeConfig(model="x", lockstep_spin_us=5000)
+    clock = Clock(cfg, [], lambda: looks.append(time.monotonic_ns()))
+    t0 = time.monotonic_ns()
+    clock.hold()
+    clock.wait(t0 + 30_000_000)
+    assert time.monotonic_ns() - t0 >= 30_000_000
+    assert len([t for t in looks if t < t0 + 4_000_000]) > 100, len(looks)  # busy: looking
+    assert len([t for t in looks if t > t0 + 6_000_000]) <= 2, looks[-5:]  # then asleep
+    looks.clear()
+    clock.wait(time.monotonic_ns() + 10_000_000)
+    assert len(looks) <= 2, looks

@@ -12,6 +12,8 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ from control_node.translog.writer import TransitionLog
 from models.policy import OnnxPolicy
 from sim_bridge.envs import env_spec, make_env
 from training.agent import DDPGAgent
-from training.config import load_config
+from training.config import load_config, make_config
 from training.logged_data import LoggedTransitions, RetrainError
 from training.metrics import read_csv
 from training.offline_metrics import discounted_returns
@@ -472,3 +474,56 @@ def test_cli_refuses_with_one_line(
         assert not out.exists()
     if case == "other_env":
         assert "'Pendulum-v1' != 'InvertedPendulum-v5'" in lines[0]
+
+
+def test_obs_norm_statistics_carry_on_from_init_and_stay_fixed(
+    ip_log: dict[str, Any], fresh_run: dict[str, Any], tmp_path: Path
+) -> None:
+    """A retrain --init of an --obs-norm run keeps its statistics bit for bit (through every
+    round of continual mode too), and its exported actor holds them; a fresh --obs-norm retrain
+    fits them once to the logged observations; an init run's setting cannot be changed."""
+    from training.trainer import train
+
+    init = tmp_path / "init"
+    train(
+        make_config(
+            "td3", env=ENV, steps=300, learning_starts=100, eval_every=0, eval_episodes=0,
+            obs_norm=True, out=str(init), **TINY,
+        ),
+        progress=False,
+    )  # fmt: skip
+    saved = torch.load(init / "checkpoint.pt", weights_only=True)["agent"]["obs_norm"]
+    log = lambda _: None  # noqa: E731
+    summary = retrain(
+        [ip_log["dir"]], tmp_path / "rt", init=init, updates=30, eval_episodes=0, log=log
+    )
+    chained = retrain(
+        [ip_log["dir"]],
+        tmp_path / "rt2",
+        init=tmp_path / "rt",
+        updates=10,
+        eval_episodes=0,
+        log=log,
+    )
+    for run in ("rt", "rt2"):
+        state = torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["agent"]
+        for k in ("count", "mean", "m2"):
+            assert torch.equal(state["obs_norm"][k], saved[k]), (run, k)
+    assert summary["updates_total"] == 201 + 30 and chained["updates_total"] == 241
+    graph = onnx.load(summary["model"])
+    mean = next(i for i in graph.graph.initializer if i.dims == [4] and "mean" in i.name)
+    np.testing.assert_array_equal(
+        onnx.numpy_helper.to_array(mean), saved["mean"].numpy().astype(np.float32)
+    )
+    assert OnnxPolicy(summary["model"]).metadata.obs_norm == "standardize"
+
+    fresh = retrain(
+        [ip_log["dir"]], tmp_path / "fresh", updates=20, eval_episodes=0, log=log,
+        obs_norm=True, learning_starts=0, save_replay=True, **TINY,
+    )  # fmt: skip
+    state = torch.load(tmp_path / "fresh/checkpoint.pt", weights_only=True)["agent"]["obs_norm"]
+    logged = torch.load(tmp_path / "fresh/replay.pt", weights_only=True)["obs"].double().numpy()
+    assert int(state["count"]) == len(logged) == fresh["transitions"]
+    np.testing.assert_allclose(state["mean"].numpy(), logged.mean(axis=0), rtol=0, atol=1e-12)
+    with pytest.raises(RetrainError, match="cannot change obs_norm"):
+        retrain([ip_log["dir"]], tmp_path / "x", init=fresh_run["out"], obs_norm=True)

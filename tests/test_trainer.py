@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from loop_helpers import STARTED
 
 from control_node.config import ConfigError
 from training.config import make_config
@@ -194,7 +195,7 @@ def test_help_documents_every_flag_with_default() -> None:
     for f in fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in text, f.name
     assert text.count("(default:") >= len(fields(TrainConfig))
-    assert "td3: 100, paper: 64, td3 --pixels: 256" in text  # per preset where they differ
+    assert "td3: 100, paper: 64, simba-crossq: 256, td3 --pixels: 256" in text  # per preset
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path: Path) -> None:
@@ -206,6 +207,7 @@ def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
+    STARTED.append(proc)  # a 1M-step run: killed after the test if an assertion stops it
     deadline = time.monotonic() + 120
     while not (out / "train.csv").exists() or len(read_csv(out / "train.csv")) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, "training did not start"

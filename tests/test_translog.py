@@ -154,7 +154,9 @@ def test_round_trip_across_chunks(tmp_path: Path) -> None:
         "ddpg.act_low": [-2.0],
         "ddpg.act_high": [2.0],
         "ddpg.writer_pid": os.getpid(),
+        "ddpg.spec_sha256": meta["ddpg.spec_sha256"],  # checked by the reader: test_log_failures
     }
+    assert len(meta["ddpg.spec_sha256"]) == 64
     assert schema.field("obs").type == pa.list_(pa.float32(), 3)
     assert schema.field("shadow_action").type == pa.list_(pa.float32(), 1)
     assert schema.field("t_logged_ns").type == pa.int64()
@@ -199,8 +201,8 @@ def test_chunk_commits_by_age_without_flush(tmp_path: Path) -> None:
         log.close()
 
 
-# Appends about 2,000 rows/s; chunks commit on their own (64 rows) and a flush every 500 rows
-# prints the committed count.
+# Appends about 2,000 rows/s with the writer's defaults (1 s chunks); one flush at 500 rows
+# prints the committed count, then chunks commit on their own.
 CHILD = """
 import sys, time
 import numpy as np
@@ -208,16 +210,17 @@ from control_node.translog.schema import LogSpec, Transition
 from control_node.translog.writer import TransitionLog
 
 spec = LogSpec("Pendulum-v1", (3,), "float32", (-2.0,), (2.0,))
-log = TransitionLog(sys.argv[1], spec, chunk_rows=64, chunk_seconds=0.05)
+log = TransitionLog(sys.argv[1], spec)
 i = 0
 while True:
     obs = np.full(3, i, dtype=np.float32)
+    now = time.monotonic_ns()
     log.append(Transition("b0", "s0", i // 50, i % 50, obs, np.zeros(1, np.float32),
-                          1.0, obs + 1, False, i % 50 == 49, "m1", False, i, i, i, i))
+                          1.0, obs + 1, False, i % 50 == 49, "m1", False, i, now, now, now))
     i += 1
     if i % 2 == 0:
         time.sleep(0.001)
-    if i % 500 == 0:
+    if i == 500:
         assert log.flush()
         print(log.transitions_committed, flush=True)
 """
@@ -228,7 +231,7 @@ def test_sigkill_loses_at_most_the_open_chunk(tmp_path: Path) -> None:
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(d)], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
-    watchdog = threading.Timer(30, child.kill)
+    watchdog = threading.Timer(30, child.kill)  # also ends a readline that would block
     watchdog.start()
     try:
         assert child.stdout is not None
@@ -239,6 +242,7 @@ def test_sigkill_loses_at_most_the_open_chunk(tmp_path: Path) -> None:
         # Kill once chunks are committing on their own: mid-append, mid-chunk, maybe mid-write.
         chunks_then = len(chunk_files(d))
         wait_for(lambda: len(chunk_files(d)) >= chunks_then + 3)
+        killed_ns = time.monotonic_ns()
         child.send_signal(signal.SIGKILL)
         assert child.wait(timeout=10) == -signal.SIGKILL
     finally:
@@ -249,6 +253,10 @@ def test_sigkill_loses_at_most_the_open_chunk(tmp_path: Path) -> None:
     seq = np.asarray(got.table.column("action_seq"))
     n = len(seq)
     assert n > committed and got.unreadable == []
+    # lost: only the open chunk, rows appended in the last chunk_seconds (1 s, the default),
+    # plus the writer's poll (50 ms) and one write
+    open_s = (killed_ns - int(np.asarray(got.table.column("t_obs_ns")).max())) / 1e9
+    assert 0 <= open_s <= 1.0 + 0.5, open_s
     np.testing.assert_array_equal(seq, np.arange(n))  # a prefix, no gaps, no torn chunk
     np.testing.assert_array_equal(obs_array(got.table, "obs", SPEC)[:, 0], np.arange(n))
     np.testing.assert_array_equal(obs_array(got.table, "next_obs", SPEC)[:, 2], np.arange(n) + 1)

@@ -2,8 +2,11 @@
 
 ``update(batch) -> metrics`` is separate from the rollout so it can be tested and compiled on its
 own. With ``twin_q``, ``policy_noise`` and ``policy_delay`` it is TD3; with one critic, no
-smoothing and delay 1 it is the paper's DDPG. Metrics come back as tensors: reading them forces
-a host synchronisation, so the trainer does that only when it logs.
+smoothing and delay 1 it is the paper's DDPG; with ``simba``, ``crossq`` or ``distributional``
+the critic is a :class:`~models.networks.BlockCritic` whose losses are
+:mod:`training.block_update`'s (``crossq``: no target networks at all), and ``reset_every``
+re-initialises networks and optimisers periodically. Metrics come back as tensors: reading them
+forces a host synchronisation, so the trainer does that only when it logs.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.networks import Actor, Critic
+from models.networks import Actor, BlockCritic, Critic
 from models.pixel_networks import PixelActor, PixelCritic, random_shift
+from training import block_update
 from training.config import TrainConfig
+from training.distributional import support
 from training.mlp_update import MlpUpdate, smooth_target_action, td_target
+from training.obs_norm import ObsNormalizer
 from training.replay import Batch
 
 
@@ -28,9 +34,10 @@ def build_networks(
     obs_shape: int | tuple[int, ...],
     act_low: np.ndarray,
     act_high: np.ndarray,
-) -> tuple[Actor | PixelActor, Critic | PixelCritic]:
-    """The actor and critic ``cfg`` describes (state MLPs, or pixel networks with ``pixels``);
-    the exporter builds the actor here too, so a checkpoint always fits."""
+) -> tuple[Actor | PixelActor, Critic | PixelCritic | BlockCritic]:
+    """The actor and critic ``cfg`` describes (state MLPs, Simba/CrossQ/categorical block
+    networks, or pixel networks with ``pixels``); the exporter builds the actor here too, so a
+    checkpoint always fits."""
     final = cfg.final_init or None
     n_q = 2 if cfg.twin_q else 1
     if cfg.pixels:
@@ -51,8 +58,27 @@ def build_networks(
         return actor, critic
     obs_dim = obs_shape if isinstance(obs_shape, int) else int(np.prod(obs_shape))
     actor = Actor(
-        obs_dim, act_low, act_high, cfg.actor_hidden, obs_norm=cfg.batch_norm, final_init=final
+        obs_dim,
+        act_low,
+        act_high,
+        cfg.actor_hidden,
+        obs_norm=cfg.batch_norm,
+        final_init=final,
+        residual=cfg.simba,
     )
+    if cfg.block_networks():
+        norm = "batch" if cfg.crossq else "layer" if cfg.simba else "none"
+        block = BlockCritic(
+            obs_dim,
+            actor.act_dim,
+            cfg.critic_hidden,
+            n_q=n_q,
+            residual=cfg.simba,
+            norm=norm,
+            out=cfg.num_atoms if cfg.distributional else 1,
+            final_init=final,
+        )
+        return actor, block
     critic = Critic(
         obs_dim,
         actor.act_dim,
@@ -93,8 +119,9 @@ def _flatten(module: nn.Module) -> tuple[torch.Tensor, int]:
 
 
 def _numpy_actor(actor: nn.Module) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The actor's eval-mode forward pass for one observation, in numpy on views of its CPU
-    parameters (they follow in-place updates: optimiser steps, ``load_state_dict``).
+    """The actor's eval-mode forward pass for one observation (or a batch of one row), in
+    numpy on views of its CPU parameters (they follow in-place updates: optimiser steps,
+    ``load_state_dict``).
 
     Acting happens once per environment step; at batch 1 torch's per-op dispatch costs about
     ten times this. None when the actor is not on the CPU or has layers this does not mirror.
@@ -143,10 +170,18 @@ class _FlatAdam:
     kernel itself at these sizes, once per update, so this calls the kernel on its state.
     """
 
-    def __init__(self, param: torch.Tensor, lr: float, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self, param: torch.Tensor, lr: float, weight_decay: float = 0.0, beta1: float = 0.9
+    ) -> None:
         self.param = param
         param.grad = torch.zeros_like(param)
-        self.opt = torch.optim.Adam([param], lr=lr, weight_decay=weight_decay, fused=True)
+        self.opt = torch.optim.Adam(
+            [param], lr=lr, betas=(beta1, 0.999), weight_decay=weight_decay, fused=True
+        )
+        self._zero_state()
+
+    def reset(self) -> None:
+        """Adam's state as before the first step."""
         self._zero_state()
 
     def _zero_state(self) -> None:
@@ -199,9 +234,17 @@ class _ListAdam:
     and an update is tens of milliseconds of convolutions, so Python overhead does not matter.
     """
 
-    def __init__(self, params: list[nn.Parameter], lr: float, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self, params: list[nn.Parameter], lr: float, weight_decay: float = 0.0, beta1: float = 0.9
+    ) -> None:
         self.params = params
-        self.opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+        self.opt = torch.optim.Adam(
+            params, lr=lr, betas=(beta1, 0.999), weight_decay=weight_decay, foreach=True
+        )
+
+    def reset(self) -> None:
+        """Adam's state as before the first step."""
+        self.opt.state.clear()
 
     def state_dict(self) -> dict[str, Any]:
         return self.opt.state_dict()
@@ -228,7 +271,8 @@ def _soft_update_pairs(
 
 
 class DDPGAgent:
-    """Actor-critic pair with target networks; ``update`` performs one gradient step."""
+    """Actor-critic pair with target networks (none with ``crossq``); ``update`` performs one
+    gradient step."""
 
     def __init__(
         self,
@@ -241,35 +285,49 @@ class DDPGAgent:
         """``obs_shape``: the state's size, or ``(3 * stack, H, W)`` with ``cfg.pixels``."""
         self.cfg = cfg
         self.device = device
+        self._shape_and_bounds = (obs_shape, act_low, act_high)  # for resets
         self.actor, self.critic = build_networks(cfg, obs_shape, act_low, act_high)
         self.actor.to(device)
         self.critic.to(device)
-        self.actor_target = copy.deepcopy(self.actor).eval()
-        self.critic_target = copy.deepcopy(self.critic).eval()
-        for p in (*self.actor_target.parameters(), *self.critic_target.parameters()):
-            p.requires_grad_(False)
+        # CrossQ has no target networks: the critic's own joint pass gives the targets.
+        self.actor_target: Actor | PixelActor | None = None
+        self.critic_target: Critic | PixelCritic | BlockCritic | None = None
+        if not cfg.crossq:
+            self.actor_target = copy.deepcopy(self.actor).eval()
+            self.critic_target = copy.deepcopy(self.critic).eval()
+            for p in (*self.actor_target.parameters(), *self.critic_target.parameters()):
+                p.requires_grad_(False)
         self.actor_params = list(self.actor.parameters())
         self.critic_params = list(self.critic.parameters())
         self.actor_opt: _FlatAdam | _ListAdam
         self.critic_opt: _FlatAdam | _ListAdam
+        beta1 = cfg.adam_beta1
+        self._soft_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         if cfg.pixels:
+            assert self.actor_target is not None and self.critic_target is not None
             actor_pairs = _soft_update_pairs(self.actor_target, self.actor)
             critic_pairs = _soft_update_pairs(self.critic_target, self.critic)
             self._soft_pairs = (actor_pairs[0] + critic_pairs[0], actor_pairs[1] + critic_pairs[1])
-            self.actor_opt = _ListAdam(self.actor_params, cfg.actor_lr)
-            self.critic_opt = _ListAdam(self.critic_params, cfg.critic_lr, cfg.critic_l2)
+            self.actor_opt = _ListAdam(self.actor_params, cfg.actor_lr, beta1=beta1)
+            self.critic_opt = _ListAdam(self.critic_params, cfg.critic_lr, cfg.critic_l2, beta1)
         else:
             actor_flat, n_actor = _flatten(self.actor)
             critic_flat, n_critic = _flatten(self.critic)
-            self._soft_pairs = (
-                [_flatten(self.actor_target)[0], _flatten(self.critic_target)[0]],
-                [actor_flat, critic_flat],
-            )
+            if self.actor_target is not None and self.critic_target is not None:
+                self._soft_pairs = (
+                    [_flatten(self.actor_target)[0], _flatten(self.critic_target)[0]],
+                    [actor_flat, critic_flat],
+                )
             # Each optimiser sees one flat parameter whose gradient buffer is filled in place.
-            self.actor_opt = _FlatAdam(actor_flat[:n_actor], cfg.actor_lr)
-            self.critic_opt = _FlatAdam(critic_flat[:n_critic], cfg.critic_lr, cfg.critic_l2)
+            self.actor_opt = _FlatAdam(actor_flat[:n_actor], cfg.actor_lr, beta1=beta1)
+            self.critic_opt = _FlatAdam(critic_flat[:n_critic], cfg.critic_lr, cfg.critic_l2, beta1)
+        # The categorical critic's atoms (a buffer of the agent, not of the checkpoint: the
+        # config fixes them).
+        self.atoms: torch.Tensor | None = None
+        if cfg.distributional:
+            self.atoms = support(cfg.v_min, cfg.v_max, cfg.num_atoms, device)
         self._mlp: MlpUpdate | None = None
-        if cfg.fast_update and not cfg.pixels and not cfg.compile:
+        if cfg.fast_update and not cfg.pixels and not cfg.compile and not cfg.block_networks():
             assert isinstance(self.actor, Actor) and isinstance(self.critic, Critic)
             assert isinstance(self.actor_target, Actor) and isinstance(self.critic_target, Critic)
             assert self.actor_opt.param.grad is not None and self.critic_opt.param.grad is not None
@@ -290,24 +348,58 @@ class DDPGAgent:
             self._critic_step = torch.compile(self._critic_loss)
             self._actor_step = torch.compile(self._actor_loss_fn)
         self._numpy_act = _numpy_actor(self.actor)  # after _flatten: views of the final storage
+        # --obs-norm: the networks see standardised observations; the statistics are the
+        # trainer's to update (from what it puts into the replay), and part of the checkpoint.
+        self.normalizer: ObsNormalizer | None = None
+        if cfg.obs_norm:
+            assert isinstance(self.actor, Actor)
+            self.normalizer = ObsNormalizer(self.actor.obs_dim, device)
 
     # -- acting -------------------------------------------------------------------------------
     def act(self, obs: np.ndarray) -> np.ndarray:
-        """Deterministic action in environment units for one observation (eval mode)."""
-        if self._numpy_act is not None:
+        """Deterministic action in environment units for one raw observation, or a row per
+        observation for a batch (``[n, *obs_shape]``), in eval mode."""
+        batched = np.ndim(obs) > len(self.actor_obs_shape)
+        if self.normalizer is not None:
+            obs = self.normalizer.numpy(obs)
+        # numpy for one row: torch's dispatch would cost more than the arithmetic. Not for
+        # several (parallel environments): numpy's OpenBLAS then starts threads of its own,
+        # outside --threads, whose spinning doubled the CPU time of the updates at 8 rows.
+        if self._numpy_act is not None and (not batched or len(obs) == 1):
             return self._numpy_act(obs)
         self.actor.eval()
         with torch.inference_mode():
             # pixel frames stay uint8 (4x fewer bytes to move; the encoder casts)
             dtype = None if self.cfg.pixels else torch.float32
-            x = torch.as_tensor(obs, dtype=dtype, device=self.device).unsqueeze(0)
-            action = self.actor(x)[0].cpu().numpy()
+            x = torch.as_tensor(obs, dtype=dtype, device=self.device)
+            action = self.actor(x if batched else x.unsqueeze(0)).cpu().numpy()
         self.actor.train()
-        return action
+        return action if batched else action[0]
+
+    @property
+    def actor_obs_shape(self) -> tuple[int, ...]:
+        """One observation's shape."""
+        if isinstance(self.actor, PixelActor):
+            return tuple(self.actor.obs_shape)
+        return (self.actor.obs_dim,)
+
+    def normalize(self, batch: Batch) -> Batch:
+        """``batch`` (raw replay observations) as the networks see it: standardised with
+        ``--obs-norm``, else unchanged."""
+        return batch if self.normalizer is None else self.normalizer.batch(batch)
 
     # -- learning -----------------------------------------------------------------------------
     def _critic_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
+        if isinstance(self.critic, BlockCritic):
+            assert isinstance(self.actor, Actor)
+            assert self.actor_target is None or isinstance(self.actor_target, Actor)
+            assert self.critic_target is None or isinstance(self.critic_target, BlockCritic)
+            return block_update.critic_loss(
+                cfg, self.actor, self.critic, self.actor_target, self.critic_target, self.atoms,
+                batch,
+            )  # fmt: skip
+        assert self.actor_target is not None and self.critic_target is not None
         action = (batch.action - self.actor.action_bias) / self.actor.action_scale
         with torch.no_grad():
             next_action = smooth_target_action(self.actor_target.normalized(batch.next_obs), cfg)
@@ -317,11 +409,18 @@ class DDPGAgent:
         return loss, q[0].mean().detach()
 
     def _actor_loss_fn(self, obs: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.critic, BlockCritic):
+            assert isinstance(self.actor, Actor)
+            return block_update.actor_loss(
+                self.actor, self.critic, self.atoms, obs, self.cfg.crossq
+            )
         return -self.critic.q1(obs, self.actor.normalized(obs)).mean()
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One critic step; every ``policy_delay`` critic steps also an actor step and a soft
-        update of both targets. Returns detached scalar tensors."""
+        update of both targets. Returns detached scalar tensors. ``batch`` holds raw
+        observations, as the replay does."""
+        batch = self.normalize(batch)
         if self.cfg.augment_pad:
             # DrQ: obs and next_obs shifted independently; the actor sees the shifted obs too.
             pad = self.cfg.augment_pad
@@ -344,29 +443,56 @@ class DDPGAgent:
                 # Gradients for the actor only: the critic's weight gradients are not computed.
                 self.actor_opt.step(torch.autograd.grad(actor_loss, self.actor_params))
             self._actor_loss = actor_loss.detach()
-            torch._foreach_lerp_(self._soft_pairs[0], self._soft_pairs[1], self.cfg.tau)
+            if self._soft_pairs[0]:
+                torch._foreach_lerp_(self._soft_pairs[0], self._soft_pairs[1], self.cfg.tau)
+        if self.cfg.reset_every and self.updates % self.cfg.reset_every == 0:
+            self.reset_networks()
         return {"critic_loss": critic_loss.detach(), "actor_loss": self._actor_loss, "q": q_mean}
+
+    def reset_networks(self) -> None:
+        """Re-initialise actor, critic and targets (fresh draws, as at the start) and both
+        optimisers' state: the periodic resets of ``reset_every``. The replay and the
+        observation statistics are not the agent's networks and stay."""
+        actor, critic = build_networks(self.cfg, *self._shape_and_bounds)
+        # load_state_dict copies into the existing (flattened) storage: the optimisers, the
+        # soft-update pairs and the numpy actor keep pointing at the live tensors.
+        self.actor.load_state_dict(actor.state_dict())
+        self.critic.load_state_dict(critic.state_dict())
+        if self.actor_target is not None and self.critic_target is not None:
+            self.actor_target.load_state_dict(actor.state_dict())
+            self.critic_target.load_state_dict(critic.state_dict())
+        self.actor_opt.reset()
+        self.critic_opt.reset()
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        targets = {}
+        if self.actor_target is not None and self.critic_target is not None:
+            targets = {
+                "actor_target": self.actor_target.state_dict(),
+                "critic_target": self.critic_target.state_dict(),
+            }
         return {
             "actor": self.actor.state_dict(),
             "critic": self.critic.state_dict(),
-            "actor_target": self.actor_target.state_dict(),
-            "critic_target": self.critic_target.state_dict(),
+            **targets,
             "actor_opt": self.actor_opt.state_dict(),
             "critic_opt": self.critic_opt.state_dict(),
             "updates": self.updates,
+            **({"obs_norm": self.normalizer.state_dict()} if self.normalizer else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
-        self.actor_target.load_state_dict(state["actor_target"])
-        self.critic_target.load_state_dict(state["critic_target"])
+        if self.actor_target is not None and self.critic_target is not None:
+            self.actor_target.load_state_dict(state["actor_target"])
+            self.critic_target.load_state_dict(state["critic_target"])
         self.actor_opt.load_state_dict(state["actor_opt"])
         self.critic_opt.load_state_dict(state["critic_opt"])
         self.updates = int(state["updates"])
+        if self.normalizer is not None:
+            self.normalizer.load_state_dict(state["obs_norm"])
 
     def use_config_rates(self) -> None:
         """The config's learning rates and weight decay replace those a loaded optimiser state

@@ -26,6 +26,8 @@ examples:
   ddpg train --resume runs/pendulum --steps 40000     # continue a run to 40k steps
   ddpg train --env InvertedPendulum-v5 --pixels --steps 30000    # from 64x64 frames (drq)
   ddpg train --env InvertedPendulum-v5 --pixels --preset paper   # the paper's pixel DDPG
+  ddpg train --env HalfCheetah-v5 --obs-norm                     # observation normalisation
+  ddpg train --env HalfCheetah-v5 --num-envs 8 --async-envs      # 8 environments side by side
 """
 
 
@@ -99,6 +101,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "compile",
             "fast_update",
             "threads",
+            "num_envs",  # a resumed run starts fresh episodes in any number of environments
+            "async_envs",
         }
         fixed = sorted(set(given) - allowed)
         if fixed:

@@ -1,4 +1,4 @@
-"""The trainer's configuration: one typed dataclass, two presets, and checks with clear messages.
+"""The trainer's configuration: one typed dataclass, its presets, and checks with clear messages.
 
 Every field has a docstring; :func:`field_docs` reads them from the source so ``ddpg train --help``
 and the docs say the same thing as the code. A preset fills the fields the user did not set.
@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from control_node.config import ConfigError
+from control_node.config import ConfigError, brief, read_yaml
 from control_node.config import field_docs as class_field_docs
 from models.spec import PixelSpec
 
@@ -28,7 +28,9 @@ class TrainConfig:
     env: str = "HalfCheetah-v5"
     """Gymnasium environment id; it must have Box observation and action spaces."""
     preset: str = "td3"
-    """Starting point for every knob below: 'paper' (Lillicrap et al. 2015) or 'td3' (Fujimoto et al. 2018)."""
+    """Starting point for every knob below: 'paper' (Lillicrap et al. 2015), 'td3' (Fujimoto et
+    al. 2018), 'simba-crossq' (Simba residual networks with CrossQ's target-free batch-normalised
+    critic; state only) or 'drq' (pixels only)."""
     steps: int = 1_000_000
     """Environment steps to train for (in total, counting steps before a resume)."""
     seed: int = 0
@@ -78,7 +80,8 @@ class TrainConfig:
     buffer_size: int = 1_000_000
     """Replay capacity in transitions (capped at --steps); it lives on the training device."""
     updates_per_step: int = 1
-    """Gradient updates per environment step once learning has started."""
+    """Gradient updates per environment step once learning has started (per step of each of
+    the num_envs environments)."""
 
     noise: str = "gaussian"
     """Exploration noise: 'gaussian' or 'ou' (Ornstein-Uhlenbeck)."""
@@ -118,8 +121,9 @@ class TrainConfig:
     """Pixels only: random shift augmentation (DrQ): pad by N pixels and crop back at a random
     offset, per sample, for obs and next_obs; 0 turns it off."""
     n_step: int = 1
-    """N-step returns (DrQ-v2: 3): sum N discounted rewards before bootstrapping, stopping at an
-    episode end. Pixels only (the frame replay has the episode structure)."""
+    """N-step returns (DrQ-v2, FastTD3: 3): sum N discounted rewards before bootstrapping with
+    gamma**N; a return stops at a termination (no bootstrap) and at a time limit (bootstrap from
+    the episode's last observation), never crossing into the next episode. 1: one-step targets."""
     noise_decay_steps: int = 0
     """Decay the exploration noise scale linearly from noise_sigma to noise_sigma_final over
     this many steps (DrQ-v2's schedule); 0 keeps it constant."""
@@ -127,11 +131,54 @@ class TrainConfig:
     """Exploration noise scale at the end of the decay (with noise_decay_steps > 0)."""
     update_every: int = 1
     """Update once every N environment steps (updates_per_step updates each time; DrQ-v2: 2)."""
+    obs_norm: bool = False
+    """Normalise observations by the running mean and variance of those in the replay
+    (training.obs_norm): actor and critic see standardised inputs, clipped at 10; the statistics
+    are checkpointed and fixed into the exported graph, which takes raw observations. State
+    runs only."""
+    num_envs: int = 1
+    """Environments stepped side by side (gymnasium vector env); each iteration puts N
+    transitions into the one replay and makes N times the updates of one step, so
+    updates_per_step / update_every stays the update-to-data ratio. Steps count environment
+    steps over all of them. State runs only."""
+    async_envs: bool = False
+    """Step the num_envs environments in worker processes (AsyncVectorEnv) instead of one
+    after another in this process; the same transitions either way."""
+
+    simba: bool = False
+    """Simba residual networks (Lee et al. 2024) for actor and critic: a linear embedding, one
+    pre-LayerNorm residual block per hidden entry (LayerNorm, Linear to 4x width, ReLU, Linear
+    back, added to the input), a final LayerNorm. The hidden widths must then be equal. Plain
+    Simba, not SimbaV2's hyperspherical normalisation. State runs only."""
+    crossq: bool = False
+    """CrossQ (Bhatt et al. 2024): batch norm in the critic (on its input and in every hidden
+    layer; in Simba blocks it takes LayerNorm's place) and no target networks: the (s, a) and
+    (s', mu(s')) pairs go through the critic in one training-mode pass, so both halves share its
+    batch statistics; the actor's objective uses the critic in eval mode. State runs only."""
+    distributional: bool = False
+    """FastTD3's categorical critic (C51, Bellemare et al. 2017): each critic member outputs
+    num_atoms logits over [v_min, v_max]; the target is the n-step target distribution projected
+    onto the support, from the member with the smaller expected value (clipped double Q); the
+    loss is cross-entropy; the actor maximises the smaller expected value. State runs only."""
+    num_atoms: int = 101
+    """Distributional critic: atoms of the support (FastTD3: 101)."""
+    v_min: float = -500.0
+    """Distributional critic: smallest value of the support; returns below are clipped to it."""
+    v_max: float = 1500.0
+    """Distributional critic: largest value of the support; set the two to bracket the task's
+    discounted returns (MuJoCo locomotion at gamma 0.99: up to about 1,200 on HalfCheetah,
+    500 on Walker2d, 350 on Hopper; Pendulum: -1,600 to 0)."""
+    reset_every: int = 0
+    """Re-initialise actor, critic, targets and both optimisers every N updates, keeping the
+    replay and the observation statistics (Nikishin et al. 2022; BRO, Nauman et al. 2024: resets
+    let a high updates_per_step pay off); 0: never."""
+    adam_beta1: float = 0.9
+    """Adam's beta1 for both optimisers (CrossQ: 0.5)."""
 
     fast_update: bool = True
     """State networks: hand-written backward passes (the same math as autograd, with half the
-    ops; the update's speed on a CPU). Off: autograd, the reference. Pixel networks and
-    --compile always use autograd."""
+    ops; the update's speed on a CPU). Off: autograd, the reference. Pixel networks, --compile
+    and the simba, crossq and distributional networks always use autograd."""
     compile: bool = False
     """torch.compile the update; compiling costs 20-70 s and measured no faster on a 2-core CPU, so off by default."""
     threads: int = 1
@@ -145,7 +192,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value."""
         if self.preset not in PRESETS:
-            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+            raise ConfigError(
+                f"unknown preset {brief(self.preset)}; choose one of {sorted(PRESETS)}"
+            )
         checks: list[tuple[str, bool, str]] = [
             ("steps", self.steps > 0, "must be positive"),
             ("learning_starts", self.learning_starts >= 0, "must be >= 0"),
@@ -196,10 +245,25 @@ class TrainConfig:
             ("augment_pad", self.pixels or self.augment_pad == 0, "needs --pixels"),
             ("pixel_features", self.pixel_features >= 0, "must be >= 0"),
             ("n_step", 1 <= self.n_step <= 100, "must be in 1..100"),
-            ("n_step", self.pixels or self.n_step == 1, "needs --pixels"),
+            ("num_atoms", 2 <= self.num_atoms <= 1001, "must be in 2..1001"),
+            ("v_max", self.v_max > self.v_min, f"must be above v_min = {self.v_min:g}"),
+            ("reset_every", self.reset_every >= 0, "must be >= 0"),
+            ("adam_beta1", 0 <= self.adam_beta1 < 1, "must be in [0, 1)"),
             ("noise_decay_steps", self.noise_decay_steps >= 0, "must be >= 0"),
             ("noise_sigma_final", self.noise_sigma_final >= 0, "must be >= 0"),
             ("update_every", self.update_every > 0, "must be positive"),
+            (
+                "obs_norm",
+                not (self.obs_norm and self.pixels),
+                "is for state observations; frames are scaled to [0, 1] in the encoder "
+                "(drop --obs-norm or --pixels)",
+            ),
+            ("num_envs", 1 <= self.num_envs <= 4096, "must be in 1..4096"),
+            (
+                "num_envs",
+                self.num_envs == 1 or not self.pixels,
+                "must be 1 with --pixels: the frame replay stores one episode stream",
+            ),
             (
                 "device",
                 self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -208,9 +272,41 @@ class TrainConfig:
         ]
         for name, ok, why in checks:
             if not ok:
-                raise ConfigError(f"{name} = {getattr(self, name)!r} {why}")
+                raise ConfigError(f"{name} = {brief(getattr(self, name))} {why}")
         if self.preset in PIXEL_ONLY_PRESETS and not self.pixels:
             raise ConfigError(f"preset {self.preset!r} learns from pixels; add --pixels")
+        self._validate_blocks()
+
+    def _validate_blocks(self) -> None:
+        """The simba, crossq and distributional switches: state networks of their own."""
+        for name in ("simba", "crossq", "distributional"):
+            if getattr(self, name) and self.pixels:
+                raise ConfigError(f"{name} = True is for state runs; drop it or --pixels")
+        if not self.block_networks():
+            return
+        if self.batch_norm:
+            raise ConfigError(
+                "batch_norm = True is the paper's input batch norm of the plain networks; with "
+                "simba, crossq or distributional use --crossq for a batch-normalised critic"
+            )
+        if self.critic_action_layer != 0:
+            raise ConfigError(
+                "critic_action_layer must be 0 with simba, crossq or distributional: the "
+                "action joins the state at the critic's input"
+            )
+        if self.simba:
+            for name in ("actor_hidden", "critic_hidden"):
+                widths = getattr(self, name)
+                if len(set(widths)) != 1:
+                    raise ConfigError(
+                        f"{name} = {brief(widths)}: Simba's residual blocks need equal widths "
+                        "(one entry per block)"
+                    )
+
+    def block_networks(self) -> bool:
+        """Whether the critic is :class:`models.networks.BlockCritic` (simba, crossq or
+        distributional), trained by autograd."""
+        return self.simba or self.crossq or self.distributional
 
     def pixel_spec(self) -> PixelSpec | None:
         """The observation pipeline's spec for a pixel run; None for a state run."""
@@ -232,7 +328,7 @@ class TrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-# The two presets: each lists only what differs from the dataclass defaults (the td3 preset).
+# The presets: each lists only what differs from the dataclass defaults (the td3 preset).
 def paper_learning_starts(env_id: str) -> int:
     """The TD3 paper's random steps before learning (its run_experiments.sh): 10,000 for
     HalfCheetah and Ant, 1,000 for the other MuJoCo tasks."""
@@ -302,6 +398,28 @@ PIXEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 PRESETS["drq"] = {}  # the td3 learner; its pixel values above
 PIXEL_ONLY_PRESETS = frozenset({"drq"})
+
+# A modern deterministic actor-critic, still DDPG (a deterministic actor trained by the
+# deterministic policy gradient): Simba's residual LayerNorm networks and observation
+# normalisation (its RSNorm: here --obs-norm) with CrossQ's target-free batch-normalised critic
+# and its Adam beta1 0.5, policy delay 3 and learning rate 1e-3. Widths are Simba's actor
+# (128, one block) and half its critic (256, two blocks: the CPU's share). TD3's clipped double
+# Q and target policy smoothing stay. The distributional critic, n-step returns, a higher
+# updates_per_step and resets are switches (--distributional, --n-step 3, --updates-per-step,
+# --reset-every) left off until the ablation (benchmarks/learning.py) shows they help here.
+PRESETS["simba-crossq"] = {
+    "simba": True,
+    "crossq": True,
+    "obs_norm": True,
+    "actor_hidden": (128,),
+    "critic_hidden": (256, 256),
+    "actor_lr": 1e-3,
+    "critic_lr": 1e-3,
+    "adam_beta1": 0.5,
+    "batch_size": 256,
+    "policy_delay": 3,
+}
+STATE_ONLY_PRESETS = frozenset({"simba-crossq"})
 DEFAULT_PRESET, DEFAULT_PIXEL_PRESET = "td3", "drq"
 
 
@@ -313,11 +431,15 @@ def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
     if preset is None:
         preset = DEFAULT_PIXEL_PRESET if pixels else DEFAULT_PRESET
     if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {brief(preset)}; choose one of {sorted(PRESETS)}")
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        shown = [k if len(k) <= 40 else brief(k) for k in unknown[:5]]
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise ConfigError(f"unknown config key(s): {', '.join(shown)}{more}")
+    if pixels and preset in STATE_ONLY_PRESETS:
+        raise ConfigError(f"preset {preset!r} learns from the state; drop --pixels")
     values: dict[str, Any] = {**PRESETS[preset], "preset": preset}
     if pixels:
         values.update(PIXEL_PRESETS[preset])
@@ -354,7 +476,7 @@ def _coerce(name: str, value: Any) -> Any:
                 raise TypeError
             return value
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} = {value!r} is not a valid {kind}") from None
+        raise ConfigError(f"{name} = {brief(value)} is not a valid {kind}") from None
     raise AssertionError(f"unhandled field type {kind} for {name}")
 
 
@@ -373,13 +495,14 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 
 
 def load_config(path: Path) -> TrainConfig:
-    """Load a saved or hand-written config YAML; unknown keys and bad values are refused."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    """Load a saved or hand-written config YAML (bounded as every config file is: see
+    ``read_yaml``); unknown keys, keys that are not names and bad values are refused."""
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"{path}: key {brief(key)} is {type(key).__name__}, not a name")
     data = dict(data)
     preset = data.pop("preset", None)
     try:

@@ -11,7 +11,8 @@ more than ``margin``. Every decision is appended to ``OUT_DIR/decisions.jsonl`` 
 This process imports torch (it trains); it is started by ``ddpg launch`` as its own process
 (``python -m training.continual LAUNCH.yaml``), so the serving path stays torch-free, and talks to
 the node only as a client of its admin socket. The init run's config is checked at start: a
-malformed one stops this process with one line, before the first round.
+malformed one stops this process with one line, before the first round; ``--check`` does only
+that check, which ``ddpg launch --continual`` runs before it starts anything.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from typing import Any
 from control_node.admin import AdminError, request
 from control_node.config import ConfigError, load_launch
 from control_node.decisions import append_decision
+from training.config import load_config
 
 POLL_S = 0.5
 
 
 class Continual:
-    def __init__(self, launch_file: Path) -> None:
+    def __init__(self, launch_file: Path, prepare: bool = True) -> None:
         cfg = load_launch(launch_file, check_ports=False)
         self.cfg, self.c = cfg, cfg.continual
         if cfg.node.log_dir is None:
@@ -41,12 +43,9 @@ class Continual:
         self.out = Path(self.c.out_dir)
         self.init: Path | None = Path(self.c.init) if self.c.init else None
         if self.init is not None:  # every round would fail on it: say so once, now
-            # Torch and the simulator load here and in _round, after main's os.nice: their
-            # imports are seconds of CPU that the node and the bridges must win.
-            from training.rundir import read_config
-
-            read_config(self.init)
-        self.out.mkdir(parents=True, exist_ok=True)
+            load_config(self.init / "config.yaml")  # bounded, torch-free (the launch waits)
+        if prepare:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.live_path = Path(cfg.node.model)
         self._stop = False
 
@@ -159,7 +158,17 @@ class Continual:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.continual", description=__doc__)
     parser.add_argument("launch_file", type=Path)
+    parser.add_argument(
+        "--check", action="store_true", help="only check the launch file and the init run's config"
+    )
     args = parser.parse_args(argv)
+    if args.check:
+        try:
+            Continual(args.launch_file, prepare=False)
+        except ConfigError as e:
+            print(f"continual: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     # Training is the batch job here: the node and the bridges must win the CPU when they wake.
     os.nice(10)
     try:

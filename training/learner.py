@@ -84,8 +84,9 @@ def sample(
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Batch:
-    """A learner's batch from the replay (n-step returns when the config asks)."""
+    """A learner's batch from the replay (n-step returns when the config asks; a state
+    replay's environment follows itself every ``num_envs`` rows, as the trainer writes them)."""
     n = batch_size or cfg.batch_size
     if isinstance(replay, FrameReplay):
         return replay.sample(n, generator, n_step=cfg.n_step, gamma=cfg.gamma)
-    return replay.sample(n, generator)
+    return replay.sample(n, generator, n_step=cfg.n_step, gamma=cfg.gamma, stride=cfg.num_envs)

@@ -134,21 +134,32 @@ def load_logs(
             runs = pixel_segments(contents, warn)
         except LogError as e:
             raise RetrainError(str(e)) from None
-        segments: list[PixelSegment] = []
-        for seg in runs:  # a non-finite action or reward ends a run where it stands
-            ok = np.isfinite(seg.action).all(axis=1) & np.isfinite(seg.reward)
-            bad = np.flatnonzero(~ok)
-            segments.append(seg if not len(bad) else _cut(seg, int(bad[0])))
-        return PixelLog(
-            spec=spec,
-            segments=[seg for seg in segments if len(seg)],
-            rows=table.num_rows,
-            dropped=table.num_rows - sum(len(seg) for seg in segments),
+        return pixel_log(
+            spec,
+            runs,
+            table.num_rows,
             chunks=len(contents.chunks),
             leftovers=[str(p) for p in contents.leftovers],
             unreadable=[f"{p}: {why}" for p, why in contents.unreadable],
         )
     return _state_transitions(contents, spec, where)
+
+
+def pixel_log(spec: LogSpec, runs: Sequence[PixelSegment], rows: int, **found: Any) -> PixelLog:
+    """Runs of frames as training data: a non-finite action or reward ends a run where it
+    stands. ``rows``: the transitions the runs came from; ``found``: PixelLog's file counts."""
+    segments: list[PixelSegment] = []
+    for seg in runs:
+        ok = np.isfinite(seg.action).all(axis=1) & np.isfinite(seg.reward)
+        bad = np.flatnonzero(~ok)
+        segments.append(seg if not len(bad) else _cut(seg, int(bad[0])))
+    return PixelLog(
+        spec=spec,
+        segments=[seg for seg in segments if len(seg)],
+        rows=rows,
+        dropped=rows - sum(len(seg) for seg in segments),
+        **found,
+    )
 
 
 def _cut(seg: PixelSegment, steps: int) -> PixelSegment:
@@ -188,12 +199,6 @@ def _state_transitions(contents: LogContents, spec: LogSpec, where: str) -> Logg
     next_obs = obs_array(table, "next_obs", spec).astype(np.float32, copy=False)
     action = action_array(table, "action", spec)
     reward = table.column("reward").to_numpy()
-    valid = (
-        np.isfinite(obs).all(axis=1)
-        & np.isfinite(next_obs).all(axis=1)
-        & np.isfinite(action).all(axis=1)
-        & np.isfinite(reward)
-    )
     # One integer per (bridge_id, bridge_session, episode), from the strings' dictionary codes:
     # a plain int64 key, so grouping is one integer sort rather than a sort of row tuples.
     bridge, session = (
@@ -209,20 +214,44 @@ def _state_transitions(contents: LogContents, spec: LogSpec, where: str) -> Logg
         episode = pair * span + (number - number.min())
     else:  # absurd episode numbers: fall back to numbering the distinct keys
         _, episode = np.unique(np.stack([pair, number], 1), axis=0, return_inverse=True)
-    return LoggedTransitions(
-        spec=spec,
-        obs=obs,
-        action=action,
-        reward=reward,
-        next_obs=next_obs,
-        terminated=table.column("terminated").to_numpy(zero_copy_only=False),
-        truncated=table.column("truncated").to_numpy(zero_copy_only=False),
-        episode=episode.reshape(-1).astype(np.int64),
-        step=table.column("step").to_numpy(),
-        valid=valid,
+    return state_transitions(
+        spec,
+        obs,
+        action,
+        reward,
+        next_obs,
+        table.column("terminated").to_numpy(zero_copy_only=False),
+        table.column("truncated").to_numpy(zero_copy_only=False),
+        episode.reshape(-1).astype(np.int64),
+        table.column("step").to_numpy(),
         chunks=len(contents.chunks),
         leftovers=[str(p) for p in contents.leftovers],
         unreadable=[f"{p}: {why}" for p, why in contents.unreadable],
+    )
+
+
+def state_transitions(
+    spec: LogSpec,
+    obs: np.ndarray,
+    action: np.ndarray,
+    reward: np.ndarray,
+    next_obs: np.ndarray,
+    terminated: np.ndarray,
+    truncated: np.ndarray,
+    episode: np.ndarray,
+    step: np.ndarray,
+    **found: Any,
+) -> LoggedTransitions:
+    """Rows as training data; only rows whose obs, action, reward and next_obs are all finite
+    are ``valid``. ``found``: LoggedTransitions' file counts."""
+    valid = (
+        np.isfinite(obs).all(axis=1)
+        & np.isfinite(next_obs).all(axis=1)
+        & np.isfinite(action).all(axis=1)
+        & np.isfinite(reward)
+    )
+    return LoggedTransitions(
+        spec, obs, action, reward, next_obs, terminated, truncated, episode, step, valid, **found
     )
 
 

@@ -158,6 +158,8 @@ def q_values(agent: DDPGAgent, obs: np.ndarray, action: np.ndarray) -> np.ndarra
     with _eval_mode(agent.critic), torch.no_grad():
         for i in range(0, len(obs), Q_CHUNK):
             o = torch.as_tensor(obs[i : i + Q_CHUNK], device=device)
+            if agent.normalizer is not None:  # the critic sees what it learnt on
+                o = agent.normalizer.torch(o)
             a = torch.as_tensor(action[i : i + Q_CHUNK], device=device)
             a = (a - actor.action_bias) / actor.action_scale
             q = agent.critic(o, a).min(dim=0).values
@@ -173,7 +175,7 @@ def critic_loss(agent: DDPGAgent, batch: Batch, seed: int) -> float:
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
         with _eval_mode(agent.critic):
-            loss, _ = agent._critic_loss(batch)
+            loss, _ = agent._critic_loss(agent.normalize(batch))
     return float(loss)
 
 

@@ -2,7 +2,8 @@
 
 Transitions keep ``terminated`` apart from ``truncated``: the learner stops bootstrapping only at a
 true terminal state, and bootstraps through a time limit (``next_obs`` is the real last
-observation, not the first of the next episode). ``truncated`` is kept for logs and tests.
+observation, not the first of the next episode). ``truncated`` is kept for logs and tests, and
+ends an n-step return (:meth:`ReplayBuffer.n_step_batch`) that still bootstraps.
 """
 
 from __future__ import annotations
@@ -83,6 +84,33 @@ class ReplayBuffer:
         self.pos = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
+    def extend(
+        self,
+        obs: np.ndarray,
+        action: np.ndarray,
+        reward: np.ndarray,
+        next_obs: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+    ) -> None:
+        """:meth:`add` for a row per environment (``[n, ...]`` each, ``n <= capacity``), in
+        row order: the trainer's step of ``n`` environments, with the ring's wrap-around."""
+        n = len(reward)
+        if n > self.capacity:
+            raise ValueError(f"{n} rows do not fit a replay of capacity {self.capacity}")
+        values = (obs, action, reward, next_obs, terminated, truncated)
+        idx = (np.arange(n) + self.pos) % self.capacity
+        if self._host is not None:
+            for name, v in zip(_FIELDS, values, strict=True):
+                self._host[name][idx] = v
+        else:
+            rows = torch.as_tensor(idx, device=self.device)
+            for name, v in zip(_FIELDS, values, strict=True):
+                value = torch.as_tensor(np.asarray(v), dtype=torch.float32).to(self.device)
+                self.data[name][rows] = value
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
     def add_batch(self, **columns: np.ndarray | torch.Tensor) -> None:
         """Append many transitions at once (e.g. from logs); columns as in :meth:`add`."""
         missing = set(_FIELDS) - set(columns)
@@ -104,14 +132,73 @@ class ReplayBuffer:
         self.pos = (self.pos + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
-        """Uniformly sampled transitions (with replacement), as tensors on the device."""
+    def sample(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        n_step: int = 1,
+        gamma: float = 0.99,
+        stride: int = 1,
+    ) -> Batch:
+        """Uniformly sampled transitions (with replacement), as tensors on the device; with
+        ``n_step`` > 1 n-step returns from the same rows (:meth:`n_step_batch`)."""
         if self.size == 0:
             raise ValueError("cannot sample from an empty replay buffer")
         idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=generator)
+        if n_step > 1:
+            return self.n_step_batch(idx, n_step, gamma, stride)
         # index_select: the same rows as d[idx] with less per-call overhead than advanced indexing.
         d = self.data
         return Batch(*(torch.index_select(d[k], 0, idx) for k in _BATCH_FIELDS))
+
+    def n_step_batch(self, idx: torch.Tensor, n_step: int, gamma: float, stride: int = 1) -> Batch:
+        """N-step transitions starting at slots ``idx``.
+
+        ``reward`` is ``sum_k gamma^k r_{t+k}`` over up to ``n_step`` steps, ``next_obs`` the
+        observation after the last of them, ``terminated`` that step's and ``discount``
+        ``gamma ** steps``: a termination stops the return and the bootstrap, a time limit
+        stops the return and bootstraps from the episode's own last observation. The next step
+        of an environment is ``stride`` rows on (``num_envs``: the trainer writes a row per
+        environment per step); a return also stops at the newest row and wherever that row
+        does not continue this one (its observation is not this one's ``next_obs``), so
+        transitions added from logs, with gaps or another stride, never mix episodes.
+        """
+        d, cap = self.data, self.capacity
+        idx = idx.to(self.device)
+        oldest = self.pos if self.size == self.capacity else 0
+        age = (idx - oldest).remainder(cap)
+        last = idx
+        reward = torch.index_select(d["reward"], 0, idx).clone()
+        ended = torch.index_select(d["terminated"], 0, idx) + torch.index_select(
+            d["truncated"], 0, idx
+        )
+        alive = ended == 0
+        discount = torch.full_like(reward, gamma)
+        for k in range(1, n_step):
+            nxt = (idx + k * stride).remainder(cap)
+            same = (
+                torch.index_select(d["obs"], 0, nxt) == torch.index_select(d["next_obs"], 0, last)
+            ).all(dim=1)
+            go = alive & (age + k * stride < self.size) & same
+            if not bool(go.any()):
+                break
+            reward = torch.where(
+                go, reward + discount * torch.index_select(d["reward"], 0, nxt), reward
+            )
+            discount = torch.where(go, discount * gamma, discount)
+            last = torch.where(go, nxt, last)
+            ended = torch.index_select(d["terminated"], 0, nxt) + torch.index_select(
+                d["truncated"], 0, nxt
+            )
+            alive = go & (ended == 0)
+        return Batch(
+            obs=torch.index_select(d["obs"], 0, idx),
+            action=torch.index_select(d["action"], 0, idx),
+            reward=reward,
+            next_obs=torch.index_select(d["next_obs"], 0, last),
+            terminated=torch.index_select(d["terminated"], 0, last),
+            discount=discount,
+        )
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         """The filled part only, on the CPU, for a checkpoint."""
@@ -123,14 +210,21 @@ class ReplayBuffer:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
-        size = int(state["size"])
+        """A saved replay; into a larger ring (a resumed run with more steps) a full one goes
+        oldest row first, so new rows follow it instead of overwriting its oldest."""
+        size, pos = int(state["size"]), int(state["pos"])
         if size > self.capacity:
             raise ValueError(f"saved replay holds {size} transitions, capacity is {self.capacity}")
+        order = None
+        if size < self.capacity and pos != size:  # saved from a full ring: oldest at pos
+            order = torch.cat([torch.arange(pos, size), torch.arange(0, pos)])
+            pos = size
         for k in _FIELDS:
             saved = state[k]
             assert isinstance(saved, torch.Tensor)
             if saved.shape[1:] != self.data[k].shape[1:]:
                 raise ValueError(f"saved replay column {k} has shape {tuple(saved.shape)}")
-            self.data[k][:size] = saved.to(self.device)
+            rows = saved[:size] if order is None else saved[order]
+            self.data[k][:size] = rows.to(self.device)
         self.size = size
-        self.pos = int(state["pos"]) % self.capacity
+        self.pos = pos % self.capacity

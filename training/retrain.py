@@ -13,6 +13,15 @@ agent and replay :func:`~training.learner.make_learner` builds for the robot the
 There are no environment steps here, only updates; an environment is made only for the final
 evaluation (and the export's observation bounds). :mod:`training.offline_metrics` measures the
 critic before and after, because a retrained actor has not been run yet when it is written.
+
+Observation normalisation (``obs_norm``) is fixed during a retrain: with ``init`` it is the init
+run's statistics, carried on unchanged (and so through every round of continual mode); without
+one it is fitted once to the logged observations before the first update. Not updated from the
+logs as ``ddpg train`` updates it from its rollouts: the init weights were fitted to the init
+run's standardisation, and moving it would change every input the networks see at once,
+before any update, so the candidate would no longer start from the deployed actor it
+fine-tunes (the offline metrics' "before" and the continual gate's comparison assume it does).
+``ddpg train --resume`` of a retrain run updates them again from its own rollouts.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from control_node.config import ConfigError
@@ -47,6 +57,10 @@ from training.logged_data import (
 from training.metrics import MetricsWriter, finite_or_none
 from training.noise import exploration
 from training.offline_metrics import OfflineMetrics, describe
+from training.replay import ReplayBuffer
+
+Loader = Callable[[Callable[[str], None]], LoggedTransitions | PixelLog]
+"""Reads the training data, warnings to its argument (``load_logs`` of the log directories)."""
 
 # Config keys the init checkpoint fixes: its weights only fit these, so changing one is refused.
 FIXED_BY_INIT = (
@@ -56,6 +70,7 @@ FIXED_BY_INIT = (
     "critic_hidden",
     "critic_action_layer",
     "batch_norm",
+    "obs_norm",
     "final_init",
     "twin_q",
     "pixels",
@@ -90,9 +105,13 @@ def retrain(
     seed: int | None = None,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    load: Loader | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Retrain from the transitions logged in ``logs`` and write the run directory ``out``.
+
+    ``load`` reads the data from another source than log directories (a Minari dataset:
+    :func:`training.minari_data.load_minari`); ``logs`` then names that source in the report.
 
     With ``init`` (a ``ddpg train`` or ``ddpg retrain`` run directory) the networks, targets,
     optimisers and update counter continue from its checkpoint, on its config, and its saved
@@ -123,7 +142,7 @@ def retrain(
         raise RetrainError(f"--init {why}")
 
     # 1. Data, and every refusal, before the run directory exists.
-    inputs = _read_inputs(logs, out, init, seed, eval_episodes, overrides, log, t_start)
+    inputs = _read_inputs(logs, out, init, seed, eval_episodes, overrides, log, t_start, load)
 
     # 2. The run directory, networks and replay, for the robot the logs name.
     frames = None
@@ -149,13 +168,14 @@ def _read_inputs(
     overrides: dict[str, Any],
     log: Callable[[str], None],
     t_start: float,
+    load: Loader | None = None,
 ) -> _Inputs:
     """The logs, the config and the init run, each checked against the others."""
 
     def warn(line: str) -> None:
         log(f"warning: {line}")
 
-    data = load_logs(logs, warn=warn)
+    data = load_logs(logs, warn=warn) if load is None else load(warn)
     t_read = time.perf_counter() - t_start
     cfg = _config(init, data.spec, out, seed, eval_episodes, overrides)
     state = None
@@ -204,6 +224,9 @@ def _run(
     n_log, episode_ends = fill_replay(replay, data, inputs.init_rows)
     t_fill = time.perf_counter() - t0
     n_init = len(replay) - n_log
+    if agent.normalizer is not None and inputs.state is None:
+        # a fresh retrain: the statistics of the observations it learns from, then fixed
+        agent.normalizer.update(replay_observations(replay))
     counters.step += n_log
     counters.episode += episode_ends
     log(
@@ -444,3 +467,9 @@ def _export(out: Path, log: Callable[[str], None]) -> dict[str, str | None]:
     except ExportError as e:
         log(f"export failed: {e}; the run is intact, retry with `ddpg export {out}`")
         return {"model": None, "export_error": str(e)}
+
+
+def replay_observations(replay: Replay) -> np.ndarray:
+    """The ``obs`` column of a state replay's filled rows, on the host."""
+    assert isinstance(replay, ReplayBuffer), "observation normalisation is for state replays"
+    return replay.data["obs"][: len(replay)].cpu().numpy()

@@ -8,26 +8,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.logged_data import LoggedTransitions, PixelLog
 
 EXAMPLES = """\
 examples:
   ddpg retrain --logs logs --init models/zoo/inverted_pendulum --updates 5000 --out runs/ip-rt1
   ddpg retrain --logs logs/a logs/b --preset td3 --updates 20000 --out runs/from-logs --json
   ddpg train --resume runs/ip-rt1 --steps 60000   # a retrain run resumes like any other
+  MINARI_DATASETS_PATH=datasets ddpg retrain --minari robot/pendulum-v0 --out runs/from-minari
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--logs",
         type=Path,
         nargs="+",
-        required=True,
         metavar="DIR",
         help="transition log directories (ddpg serve --log-dir); all of one robot",
+    )
+    source.add_argument(
+        "--minari",
+        metavar="DATASET_ID",
+        help="a local Minari dataset instead (found by MINARI_DATASETS_PATH, else "
+        "~/.minari/datasets; never downloaded): one ddpg logs --to-minari wrote, or any of a "
+        "state robot with a bounded Box action space (needs the minari extra)",
     )
     parser.add_argument(
         "--init",
@@ -96,6 +110,17 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_progress or line.startswith("warning:"):
             print(line, file=sys.stderr)
 
+    logs, load = args.logs, None
+    if args.minari is not None:
+        from control_node.minari_export import minari_default_root
+        from training.minari_data import load_minari
+
+        root = os.environ.get("MINARI_DATASETS_PATH") or minari_default_root()
+        logs = [Path(root) / args.minari]
+
+        def load(warn: Callable[[str], None]) -> LoggedTransitions | PixelLog:
+            return load_minari(args.minari, warn)
+
     overrides = {
         "preset": args.preset,
         "batch_size": args.batch_size,
@@ -106,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     }
     try:
         summary = retrain(
-            args.logs,
+            logs,
             args.out,
             init=args.init,
             updates=args.updates,
@@ -114,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             log=log,
+            load=load,
             **overrides,
         )
     except (ConfigError, EnvError, ExportError, PolicyError) as e:

@@ -10,6 +10,7 @@ directories. The metrics files (``train.csv``, ``eval.csv``, TensorBoard) are
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -23,12 +24,15 @@ import torch
 
 from control_node.config import ConfigError
 from models.export import PARITY_PROBES, ExportReport, export_actor
+from models.networks import Actor, StandardizedActor
+from models.pixel_networks import PixelActor
 from models.spec import RobotSpec
-from sim_bridge.envs import env_spec, make_env
+from sim_bridge.envs import env_spec, make_env, make_vector_env
 from sim_bridge.pixels import make_pixel_env
 from training.agent import DDPGAgent, build_networks
 from training.config import TrainConfig, load_config, make_config, save_config
 from training.noise import GaussianNoise, OUNoise
+from training.obs_norm import standardize_from_state
 
 CONFIG, CHECKPOINT, REPLAY, ACTOR = "config.yaml", "checkpoint.pt", "replay.pt", "actor.onnx"
 CHECKPOINT_FORMAT = 1
@@ -46,6 +50,19 @@ def make_run_env(cfg: TrainConfig) -> gym.Env:
     if spec is None:
         return make_env(cfg.env)
     return make_pixel_env(cfg.env, spec)
+
+
+def make_run_vector_env(cfg: TrainConfig) -> gym.vector.VectorEnv:
+    """``cfg.num_envs`` copies of :func:`make_run_env`'s environment stepped as one (same-step
+    autoreset: :func:`sim_bridge.envs.make_vector_env`), in worker processes with
+    ``async_envs``."""
+    spec = cfg.pixel_spec()
+    make_one = (
+        functools.partial(make_env, cfg.env)
+        if spec is None
+        else functools.partial(make_pixel_env, cfg.env, spec)
+    )
+    return make_vector_env(make_one, cfg.num_envs, cfg.async_envs)
 
 
 def not_a_run_dir(run_dir: Path, names: tuple[str, ...] = (CONFIG, CHECKPOINT)) -> str | None:
@@ -284,7 +301,11 @@ def export_run_report(
     actor, _ = build_networks(cfg, obs_shape, spec.act_low, spec.act_high)
     try:
         actor.load_state_dict(state["agent"]["actor"])
-    except (KeyError, RuntimeError) as e:
+        policy: Actor | StandardizedActor | PixelActor = actor
+        if cfg.obs_norm:  # the graph takes raw observations: the statistics go in front
+            assert isinstance(actor, Actor)
+            policy = StandardizedActor(actor, standardize_from_state(state["agent"]["obs_norm"]))
+    except (KeyError, RuntimeError, ValueError) as e:
         raise ConfigError(f"{ckpt_path}: actor weights do not fit the run's config: {e}") from None
     if pixel_spec is not None:
         bounds = {"obs_low": [0.0], "obs_high": [255.0], "pixels": json.dumps(pixel_spec.to_dict())}
@@ -292,7 +313,7 @@ def export_run_report(
         bounds = {"obs_low": space.low.reshape(-1), "obs_high": space.high.reshape(-1)}
     path = Path(out) if out is not None else run_dir / ACTOR
     return export_actor(
-        actor,
+        policy,
         path,
         probes=probes or PARITY_PROBES,
         env_id=cfg.env,

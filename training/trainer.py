@@ -4,6 +4,16 @@ The run directory holds everything needed to resume: ``config.yaml``, ``checkpoi
 ``replay.pt`` when asked), ``train.csv``/``episodes.csv``/``eval.csv``, TensorBoard events, and at
 the end ``eval.json`` and ``learning_curve.png``; :mod:`training.rundir` reads and writes its
 config, checkpoint and export, :mod:`training.learner` builds the replay and the agent.
+
+One loop for any number of environments: it steps ``num_envs`` of them as one vector env
+(same-step autoreset, :func:`sim_bridge.envs.make_vector_env`) and handles rows. Per
+environment, a transition that ends an episode stores the episode's own last observation
+(``final_obs``) and its ``terminated``, so a time limit bootstraps and a termination does not;
+the next action starts from the new episode's first observation. ``step`` counts environment
+steps over all environments; the update, log, evaluation and checkpoint schedules count
+multiples of their period passed, so with one environment they fire at the steps they always
+have, and a run with one environment is the single-environment trainer it replaced, transition
+for transition.
 """
 
 from __future__ import annotations
@@ -39,14 +49,14 @@ class Trainer:
         rundir.check_new_or_resumed(self.run_dir, resume)
         self.cfg = cfg
         self.pixel_spec = cfg.pixel_spec()
-        self.env = rundir.make_run_env(cfg)
-        self.eval_env = rundir.make_run_env(cfg)
-        self.spec = env_spec(cfg.env, self.env)
+        self.eval_env = rundir.make_run_env(cfg)  # first: it names a bad env id in one line
+        self.spec = env_spec(cfg.env, self.eval_env)
         if not cfg.pixels and len(self.spec.obs_shape) != 1:
             raise ConfigError(
                 f"environment {cfg.env!r} has {self.spec.obs_shape}-shaped observations; "
                 "the state trainer needs a flat vector"
             )
+        self.env = rundir.make_run_vector_env(cfg)
         learner = make_learner(cfg, self.spec)
         self.device, self.replay, self.agent = learner.device, learner.replay, learner.agent
         self.replay_bytes = learner.replay_bytes
@@ -66,23 +76,29 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir)
 
     def _begin_episode(self, info: dict[str, Any]) -> None:
+        """A new episode in environment 0 (pixels have one): the reset frame starts its stack."""
         if isinstance(self.replay, FrameReplay):
-            self.replay.start_episode(info["frame"])  # the stack is implicit: frames once
+            self.replay.start_episode(info["frame"][0])  # the stack is implicit: frames once
 
     def _store(
         self,
         obs: np.ndarray,
         action: np.ndarray,
-        reward: float,
+        reward: np.ndarray,
         next_obs: np.ndarray,
-        terminated: bool,
-        truncated: bool,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
         info: dict[str, Any],
     ) -> None:
-        if isinstance(self.replay, FrameReplay):
-            self.replay.add(action, reward, info["frame"], terminated, truncated)
+        """Rows of transitions (one per environment kept) into the replay; ``next_obs`` is each
+        episode's own last observation where it ended."""
+        if isinstance(self.replay, FrameReplay):  # one environment
+            frame = _step_info(info, "frame", 0, bool(terminated[0] or truncated[0]))
+            self.replay.add(action[0], float(reward[0]), frame, terminated[0], truncated[0])
         else:
-            self.replay.add(obs, action, reward, next_obs, terminated, truncated)
+            self.replay.extend(obs, action, reward, next_obs, terminated, truncated)
+        if self.agent.normalizer is not None:  # the statistics of what the replay holds
+            self.agent.normalizer.update(obs)
 
     def _noise_sigma(self) -> float:
         """The exploration scale at this step: constant, or DrQ-v2's linear decay."""
@@ -135,13 +151,14 @@ class Trainer:
         """Train up to ``cfg.steps``, then evaluate, checkpoint, and write eval.json and the PNG.
         After :meth:`request_stop` it checkpoints and returns ``{"interrupted": True, ...}``."""
         cfg, agent, env = self.cfg, self.agent, self.env
+        n_envs, act_dim = cfg.num_envs, self.spec.act_dim
         low, high = self.spec.act_low, self.spec.act_high
         half_range = (high - low) / 2.0
-        # A resumed run starts a fresh episode: the simulator state is not in the checkpoint.
+        # A resumed run starts fresh episodes: the simulator state is not in the checkpoint.
         obs, info = env.reset(seed=cfg.seed + self.step)
         self._begin_episode(info)
         self.noise.reset()
-        ep_return, ep_len = 0.0, 0
+        ep_return, ep_len = np.zeros(n_envs), np.zeros(n_envs, dtype=np.int64)
         nan = torch.tensor(float("nan"))
         metrics: dict[str, torch.Tensor] = {"critic_loss": nan, "actor_loss": nan, "q": nan}
         start_step, t0 = self.step, time.perf_counter()
@@ -150,42 +167,52 @@ class Trainer:
         try:
             while self.step < cfg.steps and not self.stop_requested:
                 if self.step < cfg.learning_starts:
-                    action = self.rng.uniform(low, high).astype(np.float32)
+                    action = self.rng.uniform(low, high, (n_envs, act_dim)).astype(np.float32)
                 else:
                     self.noise.sigma = self._noise_sigma()
                     action = np.clip(agent.act(obs) + half_range * self.noise(), low, high)
                 next_obs, reward, terminated, truncated, info = env.step(action)
-                self._store(obs, action, float(reward), next_obs, terminated, truncated, info)
-                ep_return += float(reward)
+                done = terminated | truncated
+                last_obs = _last_observations(next_obs, info, done)
+                # The last iteration keeps only the steps still wanted.
+                keep = min(n_envs, cfg.steps - self.step)
+                rows = slice(0, keep)
+                self._store(
+                    obs[rows], action[rows], reward[rows], last_obs[rows],
+                    terminated[rows], truncated[rows], info,
+                )  # fmt: skip
+                before = self.step
+                ep_return += reward
                 ep_len += 1
-                self.step += 1
-                self.env_steps += int(info.get("repeats", 1))
-                if terminated or truncated:
-                    self.episode += 1
-                    self.metrics.log("episodes", self.step, {"return": ep_return, "length": ep_len})
-                    obs, info = env.reset()
-                    self._begin_episode(info)
-                    self.noise.reset()
-                    ep_return, ep_len = 0.0, 0
-                else:
-                    obs = next_obs
-                if self.step >= cfg.learning_starts and self.step % cfg.update_every == 0:
-                    for _ in range(cfg.updates_per_step):
-                        metrics = agent.update(self.sample())
-                if self.step % cfg.log_every == 0:
+                for i in range(keep):
+                    self.env_steps += int(_step_info(info, "repeats", i, bool(done[i]), 1))
+                    if done[i]:
+                        self.episode += 1
+                        row = {"return": float(ep_return[i]), "length": int(ep_len[i])}
+                        self.metrics.log("episodes", before + i + 1, row)
+                self.step += keep
+                if done.any():
+                    self.noise.reset(done)
+                    ep_return[done], ep_len[done] = 0.0, 0
+                    if done[0]:
+                        self._begin_episode(info)
+                obs = next_obs  # after an episode's end: the next one's first observation
+                for _ in range(self._updates_due(before) * cfg.updates_per_step):
+                    metrics = agent.update(self.sample())
+                if _passed(before, self.step, cfg.log_every):
                     now = time.perf_counter()
                     values = {k: float(v) for k, v in metrics.items()}
                     values["steps_per_s"] = (self.step - step_log) / (now - t_log)
                     values["updates"] = float(agent.updates)
                     self.metrics.log("train", self.step, values)
                     t_log, step_log = now, self.step
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and cfg.eval_episodes:
+                if _passed(before, self.step, cfg.eval_every) and cfg.eval_episodes:
                     self.evaluate()
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                if _passed(before, self.step, cfg.checkpoint_every):
                     self.save_checkpoint()
                 if bar is not None:
-                    bar.update(1)
-                    if self.step % 250 == 0 and self.last_eval is not None:
+                    bar.update(keep)
+                    if _passed(before, self.step, 250) and self.last_eval is not None:
                         bar.set_postfix(eval=f"{self.last_eval.mean:.1f}", refresh=False)
         finally:
             if bar is not None:
@@ -237,6 +264,14 @@ class Trainer:
             )
             return {"model": None, "export_error": str(e)}
 
+    def _updates_due(self, before: int) -> int:
+        """Update times passed since step ``before``: the multiples of ``update_every`` in
+        ``(before, step]`` from ``learning_starts`` on (one environment: one at each such step,
+        as it always was; N environments: N steps' worth per iteration)."""
+        every = self.cfg.update_every
+        first = max(before, self.cfg.learning_starts - 1)
+        return max(0, self.step // every - first // every)
+
     def _log(self, line: str) -> None:
         if self.progress:
             print(line, file=sys.stderr)
@@ -269,3 +304,31 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         return trainer.run()
     finally:
         trainer.close()
+
+
+def _passed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of ``every`` lies in ``(before, after]`` (never, with ``every`` 0):
+    a schedule that fires at every multiple also when a step advances by N."""
+    return every > 0 and after // every > before // every
+
+
+def _last_observations(obs: np.ndarray, info: dict[str, Any], done: np.ndarray) -> np.ndarray:
+    """Each environment's observation after its step: the vector env's own, or where the step
+    ended an episode (and the env already reset), the ended episode's last one."""
+    if not done.any():
+        return obs
+    last = obs.copy()
+    for i in np.flatnonzero(info["_final_obs"]):
+        last[i] = info["final_obs"][i]
+    return last
+
+
+def _step_info(info: dict[str, Any], key: str, i: int, done: bool, default: Any = None) -> Any:
+    """Environment ``i``'s ``info[key]`` from its step; where the step ended an episode that is
+    in ``final_info`` (``info`` itself then holds the new episode's reset info)."""
+    source = info["final_info"] if done else info
+    if key not in source or not source[f"_{key}"][i]:
+        if default is None:
+            raise KeyError(f"environment {i} returned no {key!r} in its step info")
+        return default
+    return source[key][i]

@@ -81,6 +81,15 @@ class BridgeState:
     last_return: float | None = None
     reported_sent: int | None = None
     gone: bool = False
+    dropped: int = 0
+    """Messages dropped for coming faster than the bridge's allowance (its rate limit)."""
+    tokens: float = 0.0
+    """The rate limit's token bucket: messages it may still send now (up to ``burst``)."""
+    t_tokens: int = 0
+    tokens_per_ns: float = 0.0
+    burst: float = 0.0
+    notice_ns: int = 0
+    """When it was last told it is over its rate (at most once a second)."""
 
 
 class Link:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import select
 from collections.abc import Callable
+from os import sched_yield
 
 from control_node import protocol as P
 from control_node.config import NodeConfig
@@ -45,29 +46,46 @@ class Clock:
     def __init__(self, cfg: NodeConfig, fds: list[int], drain: Callable[[], None]) -> None:
         self.period_ns = round(1e9 / cfg.rate_hz)
         self.spin_ns = round(cfg.spin_us * 1e3)
+        self.lockstep_spin_ns = round(cfg.lockstep_spin_us * 1e3)
+        self.spin_until = 0
+        """Busy-drain until then instead of sleeping (:meth:`hold`)."""
         self.fds, self.drain = fds, drain
         self.stopped = False
         """Set (from a signal handler too) to end the wait and the loop at the next wake-up."""
         self.collect: Callable[[int], bool] | None = None
         """gc freeze: collects garbage if it fits in the slack (ns) left; True if it did."""
 
+    def hold(self) -> None:
+        """A lockstep observation was just answered: its bridge's next one comes soon, so
+        busy-drain for ``lockstep_spin_us`` instead of sleeping. It is then taken in at once,
+        with warm caches: a wake-up from ``select`` costs tens of microseconds here, and the
+        node's work runs about 1.5x slower after one."""
+        self.spin_until = P.now_ns() + self.lockstep_spin_ns
+
     def wait(self, deadline: int) -> None:
         """Handle messages as they arrive until ``deadline``: sleep in ``select`` until
-        ``spin_ns`` before it, then busy-drain; return early once stopped."""
-        drain, fds, collect = self.drain, self.fds, self.collect
+        ``spin_ns`` before it, then busy-drain; return early once stopped. Every busy-drain
+        yields the CPU between looks, so ZeroMQ's I/O thread, at the loop's own real-time
+        priority on the same CPU, still reads and sends meanwhile."""
+        drain, fds, collect, now, spin = self.drain, self.fds, self.collect, P.now_ns, sched_yield
         t_sleep = deadline - self.spin_ns
         while True:
             drain()  # also re-arms the edge-triggered descriptors, so it runs before each select
             if self.stopped:
                 return
-            remaining = t_sleep - P.now_ns()
+            t = now()
+            remaining = t_sleep - t
             if remaining <= 0:
                 break
             if collect is not None and collect(remaining):
                 continue  # take in what came meanwhile, then sleep
+            if t < self.spin_until:  # a lockstep bridge's next observation is near (hold)
+                spin()
+                continue
             select.select(fds, [], [], remaining / 1e9)
-        while P.now_ns() < deadline and not self.stopped:  # busy stretch (spin_us > 0)
+        while now() < deadline and not self.stopped:  # busy stretch (spin_us > 0)
             drain()
+            spin()
 
 
 class PhaseLock:

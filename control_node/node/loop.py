@@ -11,6 +11,7 @@ caught up. Admin requests and deploys (``deploy.py``) are handled between ticks.
 from __future__ import annotations
 
 import collections
+import math
 import select
 import sys
 from collections.abc import Callable
@@ -22,6 +23,8 @@ import zmq
 
 from control_node import protocol as P
 from control_node import realtime
+from control_node.admin import MAX_REQUEST_BYTES
+from control_node.admin_token import TokenError
 from control_node.config import NodeConfig
 from control_node.node.bridges import Link
 from control_node.node.clock import Clock, PhaseLock
@@ -36,6 +39,12 @@ from models.policy import OnnxPolicy, PolicyError
 
 # plain ints: pyzmq's enum members cost ~0.5 µs per use in the drain
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+DRAIN_BATCH = 64
+"""Bridge messages taken in a row before the drain looks at the admin socket and the loader."""
+BRIDGE_HWM = 1000
+"""Messages queued per bridge connection, each way: a peer that sends faster than the node
+takes them in waits (or drops) at its end, not in the node's memory."""
+ADMIN_HWM = 100
 
 
 class NodeError(RuntimeError):
@@ -53,7 +62,9 @@ class ControlNode:
         cfg.validate()
         self.cfg, self.log = cfg, log
         try:
-            policy = OnnxPolicy(cfg.model, provider=cfg.provider)
+            policy = OnnxPolicy(
+                cfg.model, provider=cfg.provider, max_bytes=round(cfg.max_model_mb * 2**20)
+            )
         except PolicyError as e:
             raise NodeError(str(e)) from None
         safe = np.zeros(policy.act_dim) if cfg.safe_action is None else cfg.safe_action
@@ -70,18 +81,30 @@ class ControlNode:
         sys.setswitchinterval(1e-4)
 
         self.ctx = zmq.Context()
-        self.sock = self._bind(zmq.ROUTER, cfg.bind, "bind")
+        obs_nbytes = math.prod(policy.obs_shape) * np.dtype(meta.obs_dtype).itemsize
+        self.sock = self._bind(
+            zmq.ROUTER, cfg.bind, "bind", BRIDGE_HWM, P.max_frame_bytes(obs_nbytes)
+        )
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises, not vanishes
-        self.admin_sock = self._bind(zmq.ROUTER, cfg.admin, "admin")
+        self.admin_sock = self._bind(zmq.ROUTER, cfg.admin, "admin", ADMIN_HWM, MAX_REQUEST_BYTES)
         rejected: collections.Counter[str] = collections.Counter()  # sessions' and serving's
         self.link = Link(self.sock)
         self.server = Server(policy, safe, self.link, rejected)
-        self.admin = Admin(cfg, self.admin_sock, self.server, self, log)
+        try:
+            self.admin = Admin(cfg, self.admin_sock, self.server, self, log)
+        except (TokenError, OSError) as e:
+            for sock in (self.sock, self.admin_sock):
+                sock.close(linger=0)
+            self.ctx.term()
+            raise NodeError(f"admin token: {e}") from None
         self.translog: TransitionLog | None = None
         if cfg.log_dir is not None:
             try:
                 self.translog = TransitionLog(
-                    Path(cfg.log_dir), LogSpec.of(meta.robot), cfg.chunk_seconds
+                    Path(cfg.log_dir),
+                    LogSpec.of(meta.robot),
+                    cfg.chunk_seconds,
+                    report=lambda line: log(f"node: {line}"),  # failing, and working again
                 )
             except (OSError, ValueError) as e:
                 self.close()
@@ -89,6 +112,7 @@ class ControlNode:
         self.sessions = Sessions(cfg, self.link, self.server, self, self.translog, rejected, log)
         fds = [self.sock.getsockopt(zmq.FD), self.admin_sock.getsockopt(zmq.FD)]
         self.clock = Clock(cfg, [*fds, self.admin.wake_r], self._drain)
+        self.sessions.lockstep_answered = self.clock.hold
         # the hot path's callees, looked up once
         self._on_message, self._on_request = self.sessions.on_message, self.admin.on_request
         self._loaded = self.admin.loaded
@@ -102,13 +126,20 @@ class ControlNode:
         self.tick_late = Samples()  # tick start - deadline
         self.tick_period = Samples()  # tick start - previous tick start
         self._last_tick_ns = 0
+        self._drain_until = 0
+        """The drain returns by this time (the next deadline) whatever is still queued."""
         self.realtime: dict[str, Any] = {}  # the real-time settings in effect, once running
         self.slack_gc: realtime.SlackGC | None = None
 
-    def _bind(self, kind: int, address: str, key: str) -> zmq.Socket:
+    def _bind(self, kind: int, address: str, key: str, hwm: int, max_frame: int) -> zmq.Socket:
+        """A bound socket whose queues are bounded: ``hwm`` messages per peer each way, and a
+        peer that sends a frame over ``max_frame`` bytes is disconnected by ZeroMQ before the
+        frame is read into memory."""
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
         try:
             sock.bind(address)
         except zmq.ZMQError as e:
@@ -147,6 +178,7 @@ class ControlNode:
         self.state = "running"
         self.started_ns = start
         while not clock.stopped:
+            self._drain_until = next_tick
             clock.wait(next_tick)  # handles messages as they come, until the deadline
             t_tick = P.now_ns()
             self.tick_late.add(t_tick - next_tick)
@@ -164,24 +196,31 @@ class ControlNode:
         return self.shutdown()
 
     def _drain(self) -> None:
-        """Receive everything queued on both sockets (this also re-arms their edge-triggered
-        file descriptors, which is why it runs before every select); swap in a loaded deploy.
-        The bridge socket is emptied first: its messages are the hot path."""
-        sock, admin_sock, loaded = self.sock, self.admin_sock, self._loaded
-        on_message, now = self._on_message, P.now_ns
+        """Receive what is queued on both sockets until both are empty (this also re-arms
+        their edge-triggered file descriptors, which is why it runs before every select), the
+        deadline (``_drain_until``) comes or a stop is asked for: a peer that sends without end
+        can delay a tick by one message, never stop it. Bridge messages come first, up to
+        ``DRAIN_BATCH`` in a row, then one admin request and a loaded deploy."""
+        sock, admin_sock, loaded, clock = self.sock, self.admin_sock, self._loaded, self.clock
+        on_message, now, until = self._on_message, P.now_ns, self._drain_until
         while True:
+            more, budget = False, DRAIN_BATCH
             while sock.getsockopt(_EVENTS) & _POLLIN:
                 frames = sock.recv_multipart(_NOBLOCK)
-                on_message(frames[0], frames[1:], now())
-            busy = False
+                t = now()
+                on_message(frames[0], frames[1:], t)
+                budget -= 1
+                if not budget or t >= until:
+                    more = True
+                    break
             if admin_sock.getsockopt(_EVENTS) & _POLLIN:
                 frames = admin_sock.recv_multipart(_NOBLOCK)
                 self._on_request(frames[0], frames[-1])
-                busy = True
+                more = True
             if not loaded.empty():
                 self.admin.finish_deploy()
-                busy = True
-            if not busy:
+                more = True
+            if not more or clock.stopped or now() >= until:
                 return
 
     def _tick(self, t_tick: int) -> int:
@@ -213,11 +252,12 @@ class ControlNode:
         answers bye with its own, after its last observation), commit the log."""
         self.state = "stopping"
         live = self.sessions.say_goodbye()
-        end = P.now_ns() + round(grace_s * 1e9)
+        end = self._drain_until = P.now_ns() + round(grace_s * 1e9)
         self.clock.stopped = False
         while any(not b.gone and not b.stale for b in live) and P.now_ns() < end:
             self._drain()
             select.select(self.clock.fds, [], [], 0.005)
+        self._drain_until = P.now_ns() + self.clock.period_ns  # a flood must not hold it here
         self._drain()
         if self.translog is not None:
             self.translog.close()

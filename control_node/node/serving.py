@@ -78,6 +78,8 @@ class Server:
         self.rejected = rejected
         self.safe_actions = 0
         self.non_finite_obs = 0
+        self.non_finite_actions = 0
+        """Finite observations the model answered with a non-finite action (1e38 overflows)."""
         self.latency = Samples()  # observation received -> its action sent (per observation)
         self.obs_age = Samples()  # observation made (bridge clock) -> its action sent
         # the hot path's callees and buffers, looked up once (serve() swaps the batch)
@@ -148,7 +150,9 @@ class Server:
                 batch.run()
         else:
             finite = np.ones(n, dtype=bool)
-        return finite & np.isfinite(batch.act).all(axis=1)
+        good = finite & np.isfinite(batch.act).all(axis=1)
+        self.non_finite_actions += int((finite & ~good).sum())
+        return good
 
     def _send_all(
         self,

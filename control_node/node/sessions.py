@@ -6,6 +6,12 @@ labelled with the action that produced it, and kept as its bridge's newest (real
 at once (lockstep). Episodes are accounted per bridge and per model. Every message that fails to
 parse or validate is answered with an error naming the reason and counted by code; serving goes
 on. A bridge silent for longer than the watchdog is stale until it speaks again.
+
+Bounds: each bridge's messages are held to its announced rate times ``rate_headroom`` (a token
+bucket, checked before a message is decoded: the excess costs little, is dropped and counted);
+at most ``max_bridges`` are live at once (another is refused, ``too_many_bridges``); gone and
+stale bridges are forgotten after ``bridge_retention_s`` or beyond ``bridges_kept`` (their
+counts move to the totals); each tick looks only at the live ones.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ from control_node.translog.schema import Transition
 from control_node.translog.writer import TransitionLog
 from models.policy import PolicyError, check_expected
 from models.spec import PixelSpec, RobotSpec
+
+MAX_BRIDGE_ID = 128
+_TOTALS = ("observations", "fresh", "on_time", "transitions", "dropped")
+"""A bridge's counts that the node's totals sum (a forgotten bridge's stay in them)."""
 
 
 class NodeState(Protocol):
@@ -50,10 +60,21 @@ class Sessions:
         self.cfg, self.link, self.server, self.node, self.log = cfg, link, server, node, log
         self.translog = translog
         self.bridges: dict[str, BridgeState] = {}
+        """Every bridge remembered, by id: live, stale and gone (bounded by the sweep)."""
+        self.live: dict[str, BridgeState] = {}
+        """The bridges neither gone nor stale: all a tick looks at."""
         self.by_identity = link.by_identity
+        self.dropped_over_rate = 0
+        self.refused_full = 0
+        self.forgotten = 0
+        self.retired: collections.Counter[str] = collections.Counter()
+        """Counts of forgotten bridges, kept for the node's totals."""
+        self._next_sweep = 0
         self.rejected = rejected
         self.last_rejections: collections.deque[str] = collections.deque(maxlen=5)
         self.log_handoff = Samples()
+        self.lockstep_answered: Callable[[], None] = lambda: None
+        """Called after each lockstep answer (the loop's clock holds off sleeping)."""
         self._handoff_add = self.log_handoff.add
         self.episode_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
         self.returns_by_model: dict[str, list[float]] = collections.defaultdict(list)
@@ -67,18 +88,55 @@ class Sessions:
 
     # -- each tick ------------------------------------------------------------------------------
     def ready(self, t_tick: int) -> list[BridgeState]:
-        """Watch every bridge for silence; return those with an unanswered observation."""
+        """Watch every live bridge for silence; return those with an unanswered observation.
+        Once a second, forget what is past retention."""
         ready: list[BridgeState] = []
-        for b in self.bridges.values():
-            if b.gone:
+        left: list[BridgeState] | None = None
+        for b in self.live.values():
+            if b.gone or b.stale:
+                left = [] if left is None else left
+                left.append(b)
                 continue
-            if not b.stale and t_tick - b.last_seen_ns > b.silent_ns:
+            if t_tick - b.last_seen_ns > b.silent_ns:
                 b.stale, b.pending = True, None
                 self.link.stale_events += 1
-                self.log(f"node: bridge {b.bridge_id} is stale (silent > {b.silent_ns / 1e6:g} ms)")
+                left = [] if left is None else left
+                left.append(b)
+                self.log(
+                    f"node: bridge {P.short(b.bridge_id)} is stale (silent > "
+                    f"{b.silent_ns / 1e6:g} ms)"
+                )
+                continue
             if b.pending is not None:
                 ready.append(b)
+        if left:
+            for b in left:
+                if self.live.get(b.bridge_id) is b:
+                    del self.live[b.bridge_id]
+        if t_tick >= self._next_sweep:
+            self._next_sweep = t_tick + 1_000_000_000
+            self.sweep(t_tick, self.cfg.bridges_kept)
         return ready
+
+    def sweep(self, now: int, keep: int) -> None:
+        """Forget bridges gone or stale for longer than the retention, then the oldest of
+        them beyond ``keep``; their counts move to ``retired``."""
+        retention = self.cfg.bridge_retention_s * 1e9
+        idle = [b for b in self.bridges.values() if self.live.get(b.bridge_id) is not b]
+        idle.sort(key=lambda b: b.last_seen_ns)
+        over = len(idle) - keep
+        for i, b in enumerate(idle):
+            if i >= over and now - b.last_seen_ns <= retention:
+                break
+            self._forget(b)
+
+    def _forget(self, b: BridgeState) -> None:
+        for name in _TOTALS:
+            self.retired[name] += getattr(b, name)
+        del self.bridges[b.bridge_id]
+        if self.by_identity.get(b.identity) is b:
+            del self.by_identity[b.identity]
+        self.forgotten += 1
 
     def say_goodbye(self) -> list[BridgeState]:
         """Send bye to every bridge still here; return them (the node is stopping)."""
@@ -89,15 +147,24 @@ class Sessions:
 
     # -- bridge messages ------------------------------------------------------------------------
     def on_message(self, identity: bytes, frames: list[bytes], t_recv: int) -> None:
+        bridge = self.by_identity.get(identity)
+        if bridge is not None:  # its rate limit, before any decoding
+            tokens = bridge.tokens + (t_recv - bridge.t_tokens) * bridge.tokens_per_ns
+            bridge.t_tokens = t_recv
+            if tokens < 1.0:
+                bridge.tokens = tokens
+                self._drop(bridge, t_recv)
+                return
+            burst = bridge.burst
+            bridge.tokens = (burst if tokens > burst else tokens) - 1.0
         try:
             msg = P.decode(frames)
             if msg.type == P.OBS:
-                bridge = self.by_identity.get(identity)
                 bridge_id = msg.fields["bridge_id"]
                 if bridge is None or bridge.gone or bridge.bridge_id != bridge_id:
                     raise P.ProtocolError(
                         "unknown_bridge",
-                        f"bridge {bridge_id!r} has not said hello on this connection; "
+                        f"bridge {P.short(bridge_id)} has not said hello on this connection; "
                         "send hello first",
                     )
                 self._check_obs(msg)
@@ -107,13 +174,16 @@ class Sessions:
                     raise P.ProtocolError("stopping", "the node is stopping; try again later")
                 self._on_hello(identity, msg, t_recv)
             elif msg.type == P.BYE:
-                bridge = self.by_identity.get(identity)
                 if bridge is not None:
                     bridge.gone = True
                     bridge.pending = None
+                    bridge.last_seen_ns = t_recv
                     sent = msg.fields.get("transitions_sent")
                     bridge.reported_sent = sent if isinstance(sent, int) else None
-                    self.log(f"node: bridge {bridge.bridge_id} said goodbye ({msg['reason']})")
+                    self.log(
+                        f"node: bridge {P.short(bridge.bridge_id)} said goodbye "
+                        f"({P.short(msg['reason'], 120)})"
+                    )
             else:
                 raise P.ProtocolError(
                     "bad_type", f"a node accepts hello, obs and bye, not {msg.type!r}"
@@ -121,7 +191,25 @@ class Sessions:
         except P.ProtocolError as e:
             self._reject(identity, e)
         except Exception as e:  # a bug must not stop the loop: count it, answer, keep serving
-            self._reject(identity, P.ProtocolError("internal", f"{type(e).__name__}: {e}"))
+            reason = P.short(f"{type(e).__name__}: {e}", 200)
+            self._reject(identity, P.ProtocolError("internal", reason))
+
+    def _drop(self, b: BridgeState, t_recv: int) -> None:
+        """A message over the bridge's rate: dropped and counted; the bridge is told at most
+        once a second."""
+        b.dropped += 1
+        self.dropped_over_rate += 1
+        if t_recv - b.notice_ns >= 1_000_000_000:
+            b.notice_ns = t_recv
+            allowed = b.tokens_per_ns * 1e9
+            self._send(
+                b.identity,
+                P.error(
+                    "rate_limited",
+                    f"bridge {P.short(b.bridge_id)} sends faster than {allowed:g} messages/s "
+                    f"(rate_headroom x its announced rate); {b.dropped} dropped so far",
+                ),
+            )
 
     def _reject(self, identity: bytes, e: P.ProtocolError) -> None:
         if e.code != "stopping":  # a hello during shutdown is not a fault of the bridge
@@ -133,8 +221,8 @@ class Sessions:
         self._check_hello(msg)
         bridge = self._admit(identity, msg, t_recv)
         self.log(
-            f"node: bridge {bridge.bridge_id} connected ({msg['mode']}, {msg['env_id']}, "
-            f"pid {msg['pid']})"
+            f"node: bridge {P.short(bridge.bridge_id)} connected ({msg['mode']}, "
+            f"{P.short(msg['env_id'])}, pid {msg['pid']})"
         )
         server = self.server
         self._send(
@@ -155,9 +243,22 @@ class Sessions:
         """Refuse a bridge whose robot is not the one the live model was exported for."""
         server = self.server
         meta = server.policy.metadata
+        bridge_id = msg["bridge_id"]
+        if not 0 < len(bridge_id) <= MAX_BRIDGE_ID or not bridge_id.isprintable():
+            raise P.ProtocolError(
+                "bad_field",
+                f"hello: bridge_id {P.short(bridge_id)} must be 1..{MAX_BRIDGE_ID} printable "
+                "characters",
+            )
         if msg["mode"] not in P.MODES:
             raise P.ProtocolError(
-                "bad_field", f"hello: mode {msg['mode']!r} is not one of {P.MODES}"
+                "bad_field", f"hello: mode {P.short(msg['mode'])} is not one of {P.MODES}"
+            )
+        if msg["rate_hz"] > self.cfg.max_bridge_rate_hz:
+            raise P.ProtocolError(
+                "bad_field",
+                f"hello: rate_hz {msg['rate_hz']:g} is over this node's limit of "
+                f"{self.cfg.max_bridge_rate_hz:g} (max_bridge_rate_hz)",
             )
         if msg["obs_dtype"] != meta.obs_dtype:
             raise P.ProtocolError(
@@ -166,7 +267,9 @@ class Sessions:
             )
         pixels = msg.fields.get("pixels")
         if pixels is not None and not isinstance(pixels, dict):
-            raise P.ProtocolError("bad_field", f"hello: pixels = {pixels!r} is not a map or nil")
+            raise P.ProtocolError(
+                "bad_field", f"hello: pixels = {P.short(pixels)} is not a map or nil"
+            )
         try:
             spec = RobotSpec(
                 msg["env_id"],
@@ -177,7 +280,9 @@ class Sessions:
                 None if pixels is None else PixelSpec.from_dict(pixels),
             )
         except (TypeError, ValueError) as e:
-            raise P.ProtocolError("bad_field", f"hello: malformed spec: {e}") from None
+            raise P.ProtocolError(
+                "bad_field", f"hello: malformed spec: {P.short(str(e), 200)}"
+            ) from None
         try:
             check_expected(meta, spec, f"model {server.model_id}")
         except PolicyError as e:
@@ -191,8 +296,9 @@ class Sessions:
         if old is not None and not (old.gone or old.stale or old.session == msg["session"]):
             raise P.ProtocolError(
                 "duplicate_bridge",
-                f"bridge id {bridge_id!r} is already connected and live (another process?)",
+                f"bridge id {P.short(bridge_id)} is already connected and live (another process?)",
             )
+        self._check_room(bridge_id)
         if old is not None:
             self.by_identity.pop(old.identity, None)
         bridge = BridgeState(
@@ -206,6 +312,9 @@ class Sessions:
         )
         rate = bridge.rate_hz if bridge.mode == "realtime" else 0.0
         bridge.silent_ns = max(self._watchdog_ns, round(2e9 / rate) if rate > 0 else 0)
+        allowed = self.cfg.rate_headroom * (rate if rate > 0 else self.cfg.max_bridge_rate_hz)
+        bridge.tokens_per_ns, bridge.burst = allowed / 1e9, max(10.0, allowed)
+        bridge.tokens, bridge.t_tokens = bridge.burst, t_recv
         if old is not None and old.session == msg["session"]:  # a reconnect: keep the accounts
             for name in ("seq", "episode", "ep_return", "ep_length", "ep_models", "episodes"):
                 setattr(bridge, name, getattr(old, name))
@@ -217,12 +326,29 @@ class Sessions:
                 "transitions",
                 "on_time",
                 "gaps",
+                "dropped",
             ):
                 setattr(bridge, name, getattr(old, name))
             bridge.last_return = old.last_return
         self.bridges[bridge_id] = bridge
+        self.live[bridge_id] = bridge
         self.by_identity[identity] = bridge
+        if len(self.bridges) >= self.cfg.max_bridges + self.cfg.bridges_kept + 64:
+            self.sweep(t_recv, self.cfg.bridges_kept)  # a storm of hellos: trim now
         return bridge
+
+    def _check_room(self, bridge_id: str) -> None:
+        """Refuse one more live bridge beyond ``max_bridges``."""
+        live = self.live
+        if bridge_id not in live and len(live) >= self.cfg.max_bridges:
+            # the table may hold some that went stale or gone since the last tick
+            n = sum(1 for b in live.values() if not (b.gone or b.stale))
+            if n >= self.cfg.max_bridges:
+                self.refused_full += 1
+                raise P.ProtocolError(
+                    "too_many_bridges",
+                    f"the node serves {n} bridges, its limit (max_bridges); try again later",
+                )
 
     def _check_obs(self, msg: P.Message) -> None:
         arrays, fields = msg.arrays, msg.fields
@@ -251,10 +377,12 @@ class Sessions:
             raise P.ProtocolError("bad_field", "obs: episode and step must be >= 0")
 
     def _on_obs(self, b: BridgeState, msg: P.Message, t_recv: int) -> None:
-        b.last_seen_ns = t_recv
         if b.stale:
+            self._check_room(b.bridge_id)
             b.stale = False
-            self.log(f"node: bridge {b.bridge_id} resumed")
+            self.live[b.bridge_id] = b
+            self.log(f"node: bridge {P.short(b.bridge_id)} resumed")
+        b.last_seen_ns = t_recv
         f = msg.fields
         episode, step = f["episode"], f["step"]
         prev = b.prev
@@ -264,6 +392,15 @@ class Sessions:
                 self._answer([b], [msg], [t_recv])
             b.gaps += 1
             return
+        ended = f["terminated"] or f["truncated"]
+        lockstep = b.mode == "lockstep"
+        if lockstep and not ended:  # answered first: the log hand-off is not on its round trip
+            self._answer([b], [msg], [t_recv])
+            b.fresh += 1
+            # and handed to ZeroMQ's I/O thread at once: at the loop's own real-time priority
+            # it would send only once the loop sleeps (realtime.io_priority)
+            os.sched_yield()
+            self.lockstep_answered()
         if step == 0 or episode != b.episode:
             b.episode, b.ep_return, b.ep_length, b.ep_models = episode, 0.0, 0, set()
         if step > 0:
@@ -273,16 +410,13 @@ class Sessions:
                 b.gaps += 1
             b.ep_return += float(f["reward"])
             b.ep_length += 1
-        if f["terminated"] or f["truncated"]:
+        if ended:
             self._end_episode(b)
             b.prev = b.pending = None
             return
         b.prev = msg
         b.observations += 1
-        if b.mode == "lockstep":
-            self._answer([b], [msg], [t_recv])
-            b.fresh += 1
-        else:
+        if not lockstep:
             if b.pending is not None:
                 b.superseded += 1
             b.pending, b.pending_recv_ns = msg, t_recv

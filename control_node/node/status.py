@@ -44,10 +44,11 @@ def node_status(node: NodeParts) -> dict[str, Any]:
     now = P.now_ns()
     uptime = (now - node.started_ns) / 1e9
     all_ticks = node.ticks + node.deadline_misses
-    observations = sum(b.observations for b in bridges.values())
-    fresh = sum(b.fresh for b in bridges.values())
-    on_time = sum(b.on_time for b in bridges.values())
-    transitions = sum(b.transitions for b in bridges.values())
+    retired = sessions.retired  # the forgotten bridges' counts
+    observations = sum(b.observations for b in bridges.values()) + retired["observations"]
+    fresh = sum(b.fresh for b in bridges.values()) + retired["fresh"]
+    on_time = sum(b.on_time for b in bridges.values()) + retired["on_time"]
+    transitions = sum(b.transitions for b in bridges.values()) + retired["transitions"]
     log = sessions.translog
     returns = [r for rs in sessions.returns_by_model.values() for r in rs]
     return {
@@ -66,8 +67,14 @@ def node_status(node: NodeParts) -> dict[str, Any]:
         "rejected_messages": sum(sessions.rejected.values()),
         "rejected_by_code": dict(sessions.rejected),
         "last_rejections": list(sessions.last_rejections),
+        "dropped_over_rate": sessions.dropped_over_rate,
         "safe_actions": server.safe_actions,
         "non_finite_observations": server.non_finite_obs,
+        "non_finite_actions": server.non_finite_actions,
+        "admin_refused": {
+            "requests": admin.refused_requests,
+            "unauthorized": admin.unauthorized_requests,
+        },
         "stale_events": node.link.stale_events,
         "latency_us": server.latency.summary_us(),
         "obs_age_us": server.obs_age.summary_us(),
@@ -88,6 +95,8 @@ def node_status(node: NodeParts) -> dict[str, Any]:
             "chunks": log.chunks_committed,
             "bytes": log.bytes_committed,
             "write_errors": log.write_errors,
+            "dropped": log.transitions_dropped,
+            "failing": log.failing,
             "last_error": log.last_error,
         },
         "episodes": sessions.episodes,
@@ -102,7 +111,8 @@ def node_status(node: NodeParts) -> dict[str, Any]:
         if server.shadow is None
         else {"model_id": server.shadow.model_id, **server.shadow_stats.summary()},
         "deploys": [{k: v for k, v in d.items() if k != "t_request"} for d in admin.deploys],
-        "bridges": [_bridge_status(b, now) for b in bridges.values()],
+        "bridges_summary": _bridges_summary(sessions),
+        "bridges": [_bridge_status(b, now) for b in _shown(sessions, cfg.status_bridges)],
         "endpoints": {"bind": cfg.bind, "admin": cfg.admin},
         "realtime": _realtime_status(node),
     }
@@ -117,6 +127,32 @@ def _realtime_status(node: NodeParts) -> dict[str, Any] | None:
     if node.slack_gc is not None:
         out["gc"] = {**out["gc"], **node.slack_gc.stats()}
     return out
+
+
+def _bridges_summary(sessions: Sessions) -> dict[str, int]:
+    """How many bridges are in each state, and how many were forgotten or refused."""
+    live = sum(1 for b in sessions.live.values() if not (b.gone or b.stale))
+    gone = sum(1 for b in sessions.bridges.values() if b.gone)
+    return {
+        "live": live,
+        "gone": gone,
+        "stale": len(sessions.bridges) - live - gone,
+        "forgotten": sessions.forgotten,
+        "refused_full": sessions.refused_full,
+    }
+
+
+def _shown(sessions: Sessions, n: int) -> list[BridgeState]:
+    """The bridges status lists: live ones first, then the most recently seen, ``n`` at most
+    (in the order they connected, when all fit)."""
+    bridges = sessions.bridges
+    if len(bridges) <= n:
+        return list(bridges.values())
+    live = sessions.live
+    order = sorted(
+        bridges.values(), key=lambda b: (live.get(b.bridge_id) is not b, -b.last_seen_ns)
+    )
+    return order[:n]
 
 
 def _bridge_status(b: BridgeState, now: int) -> dict[str, Any]:
@@ -137,6 +173,7 @@ def _bridge_status(b: BridgeState, now: int) -> dict[str, Any]:
         "transitions": b.transitions,
         "on_time": b.on_time,
         "gaps": b.gaps,
+        "dropped": b.dropped,
         "reported_sent": b.reported_sent,
     }
 
@@ -149,5 +186,12 @@ def summary_line(status: dict[str, Any]) -> str:
         f"({100 * status['miss_ratio']:.3f}%)  latency p50 {lat['p50']:.0f} us p99 "
         f"{lat['p99']:.0f} us  episodes {status['episodes']}  mean return "
         f"{'-' if mean is None or math.isnan(mean) else f'{mean:.1f}'}  logged "
-        f"{status['transitions_logged']}"
+        f"{status['transitions_logged']}{log_trouble(status.get('log'))}"
     )
+
+
+def log_trouble(log: dict[str, Any] | None) -> str:
+    """What the log failed to keep, for a summary line ("" when nothing failed)."""
+    if not log or not (log.get("write_errors") or log.get("dropped")):
+        return ""
+    return f"  LOG FAILED: {log['write_errors']} write errors, {log['dropped']} transitions lost"

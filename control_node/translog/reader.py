@@ -2,7 +2,8 @@
 and numpy, and the pixel segments that rebuild stacked observations bit for bit.
 
 Reading never fails on what a crash leaves behind (a crashed writer's temp files, an unreadable
-chunk): those are listed and skipped. Logs of different robots are refused, never mixed.
+chunk): those are listed and skipped. A damaged chunk is unreadable: each page's CRC-32 is
+verified, and the spec in its footer against its digest (``ddpg.spec_sha256``). Logs of different robots are refused, never mixed.
 """
 
 from __future__ import annotations
@@ -66,11 +67,12 @@ def read_logs(dirs: Sequence[Path], warn: Callable[[str], None] | None = None) -
     total_bytes = 0
     for _, _, path in found:
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(path, page_checksum_verification=True)
             chunk_spec = LogSpec.from_metadata(table.schema.metadata)
             table = table.replace_schema_metadata(None).cast(chunk_spec.arrow_schema())
             size = path.stat().st_size
-        except (OSError, pa.ArrowException, LogError) as e:
+        except (OSError, pa.ArrowException, ValueError, TypeError, KeyError) as e:
+            # LogError is a ValueError; a bit flipped in the footer (a column's name) is too
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             unreadable.append((path, reason))
             warn(f"{path}: unreadable chunk, skipped: {reason}")

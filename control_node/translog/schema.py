@@ -18,6 +18,7 @@ bit for bit; see ``docs/transition_log.md`` for the layout and a pandas recipe. 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -43,6 +44,10 @@ TMP_PREFIX = ".tmp-"
 SUFFIX = ".parquet"
 
 _META = "ddpg."
+_PID = _META + "writer_pid"
+_DIGEST = _META + "spec_sha256"
+"""SHA-256 of the other ddpg.* metadata: a flipped bit in the footer's spec (which Parquet's
+page checksums do not cover) makes the chunk unreadable rather than another robot's log."""
 
 
 class LogError(ValueError):
@@ -163,14 +168,20 @@ class LogSpec:
         if self.pixels:
             meta[_META + "pixels"] = self.pixels  # already JSON: a JSON object
             meta[_META + "frame_shape"] = json.dumps(list(self.frame_shape))
+        meta[_DIGEST] = _spec_digest(meta)
         return meta
 
     @classmethod
     def from_metadata(cls, metadata: dict[bytes, bytes] | None) -> LogSpec:
         """The spec a chunk was written with; LogError if it is not a chunk this version reads."""
-        meta = {k.decode(): v.decode() for k, v in (metadata or {}).items()}
+        try:
+            meta = {k.decode(): v.decode() for k, v in (metadata or {}).items()}
+        except UnicodeDecodeError as e:
+            raise LogError(f"damaged metadata: {e}") from None
         if _META + "schema_version" not in meta:
             raise LogError("no ddpg.schema_version in its metadata: not a transition log chunk")
+        if _DIGEST in meta and meta[_DIGEST] != _spec_digest(meta):  # chunks before it: none
+            raise LogError("damaged metadata: its spec does not match its ddpg.spec_sha256")
         try:
             version = json.loads(meta[_META + "schema_version"])
             if version not in (SCHEMA_VERSION, PIXEL_SCHEMA_VERSION):
@@ -200,7 +211,7 @@ class LogSpec:
         act_type = pa.list_(pa.float32(), self.act_dim)
         meta = self.metadata()
         if writer_pid is not None:
-            meta[_META + "writer_pid"] = json.dumps(writer_pid)
+            meta[_PID] = json.dumps(writer_pid)
 
         def req(name: str, typ: pa.DataType) -> pa.Field:
             return pa.field(name, typ, nullable=False)
@@ -252,6 +263,13 @@ _OBS_DOC = (
     "frame plus that row's frame rebuilds it"
 )
 _FRAME_DOC = "the newest frame after this step (of next_obs), C-order uint8 (3, H, W)"
+
+
+def _spec_digest(meta: dict[str, str]) -> str:
+    """The digest of a chunk's spec keys (every ddpg.* key but the digest and the writer pid)."""
+    keys = sorted(k for k in meta if k.startswith(_META) and k not in (_DIGEST, _PID))
+    text = json.dumps([[k, meta[k]] for k in keys])
+    return json.dumps(hashlib.sha256(text.encode()).hexdigest())  # JSON, as every ddpg.* value
 
 
 def _check_pixels(pixels: str, shape: tuple[int, ...], dtype: np.dtype) -> str:

@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -251,6 +251,27 @@ def _pixel_columns(
     return obs_col, frame_col
 
 
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` if needed and prove that a chunk can be written there (a file
+    created, written, synced and removed, as a chunk's temp file is); LogError saying why not.
+    Permissions alone do not tell: root passes them on a read-only mount."""
+    if directory.exists() and not directory.is_dir():
+        raise LogError(f"{directory}: exists and is not a directory")
+    probe = directory / f"{TMP_PREFIX}{os.getpid()}-probe{SUFFIX}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, b"PAR1")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+    except OSError as e:
+        raise LogError(f"{directory}: cannot write a log chunk there ({e.strerror})") from None
+
+
 def _fsync_dir(directory: Path) -> None:
     """Make a rename (or a new entry) in ``directory`` durable: fsync the directory itself."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -295,7 +316,10 @@ class TransitionLog:
         fsync: bool = True,
         max_backlog_bytes: int = 256 * 2**20,
         retry_seconds: float = 1.0,
+        report: Callable[[str], None] | None = None,
     ) -> None:
+        """``report`` gets one line when writing starts to fail and one when it works again
+        (from the writer thread); the counters and ``last_error`` say the rest."""
         if not chunk_seconds > 0 or chunk_rows < 1:
             raise ValueError(
                 f"chunk_seconds {chunk_seconds} and chunk_rows {chunk_rows} must be >0"
@@ -307,6 +331,10 @@ class TransitionLog:
         self.fsync = fsync
         self.max_backlog_bytes = int(max_backlog_bytes)
         self.retry_seconds = float(retry_seconds)
+        self._report = report or (lambda _line: None)
+        self.failing = False  # the last write attempt failed (reported once until one works)
+        self._failed_attempts = 0
+        self._write_error = ""  # the last write failure, for the messages that cite it
         self._open_directory()
         self._schema = spec.arrow_schema(writer_pid=os.getpid())
 
@@ -342,10 +370,9 @@ class TransitionLog:
     def _open_directory(self) -> None:
         """Create the directory, or check that the chunks already there are of this spec."""
         d = self.directory
-        if d.exists() and not d.is_dir():
-            raise LogError(f"{d}: exists and is not a directory")
-        if not d.exists():
-            d.mkdir(parents=True, exist_ok=True)
+        existed = d.exists()
+        check_writable(d)
+        if not existed:
             if self.fsync:
                 _fsync_dir(d.parent)
             return
@@ -516,7 +543,7 @@ class TransitionLog:
             self._dropped += old.num_rows
             self.last_error = (
                 f"dropped {old.num_rows} transitions: unwritten backlog over "
-                f"{self.max_backlog_bytes} bytes ({self.last_error})"
+                f"{self.max_backlog_bytes} bytes ({self._write_error})"  # never nested: bounded
             )
         self._write_backlog(force=False)
 
@@ -564,13 +591,28 @@ class TransitionLog:
                 self._write_chunk(table, wall_ns)
             except Exception as e:
                 self.write_errors += 1
+                self._write_error = f"cannot write to {self.directory}: {type(e).__name__}: {e}"
                 self.last_error = (
                     f"cannot write a chunk of {table.num_rows} transitions to {self.directory} "
                     f"({type(e).__name__}: {e}); {self.backlog_rows} waiting for a retry, "
                     f"{self.transitions_dropped} dropped so far"
                 )
                 self._retry_at = time.monotonic() + self.retry_seconds
+                self._failed_attempts += 1
+                if not self.failing:
+                    self.failing = True
+                    self._report(
+                        f"log: {self.last_error}; retrying every {self.retry_seconds:g} s, "
+                        f"keeping up to {self.max_backlog_bytes / 2**20:g} MiB in memory"
+                    )
                 return False
+            if self.failing:
+                self.failing = False
+                self._report(
+                    f"log: writing to {self.directory} again after {self._failed_attempts} "
+                    f"failed attempts; {self.transitions_dropped} transitions lost so far"
+                )
+                self._failed_attempts = 0
             self._backlog.popleft()
             self._backlog_bytes -= table.nbytes
             self.backlog_rows -= table.num_rows
@@ -592,6 +634,7 @@ class TransitionLog:
                 temp,
                 compression=COMPRESSION,
                 use_dictionary=list(_STRING_COLUMNS),
+                write_page_checksum=True,  # CRC-32 per page: the reader names a damaged chunk
             )
             fd = os.open(temp, os.O_RDONLY)
             try:
