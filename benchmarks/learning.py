@@ -18,6 +18,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,8 +60,18 @@ def at_step(evals: list[dict[str, float]], step: int) -> float | None:
     return best[-1]["return_mean"] if best else None
 
 
-def run_one(env: str, seed: int, steps: int, preset: str, root: Path) -> Path:
-    out = root / f"{env}-{preset}-s{seed}"
+def run_one(
+    env: str,
+    seed: int,
+    steps: int,
+    preset: str,
+    root: Path,
+    overrides: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> Path:
+    """Train (or resume to ``steps``) ``preset`` with ``overrides`` in ``root / name`` (by
+    default ``{env}-{preset}-s{seed}``); returns the run directory."""
+    out = root / (name or f"{env}-{preset}-s{seed}")
     if (out / "checkpoint.pt").exists():
         done = (
             json.loads((out / "eval.json").read_text())["steps"]
@@ -77,8 +88,9 @@ def run_one(env: str, seed: int, steps: int, preset: str, root: Path) -> Path:
             steps=steps,
             out=str(out),
             eval_every=5_000,
-            checkpoint_every=50_000,
+            checkpoint_every=10_000,
             save_replay=True,
+            **(overrides or {}),
         )
         train(cfg)
     return out

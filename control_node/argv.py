@@ -98,9 +98,10 @@ def add_realtime_arguments(
     """One flag per RealtimeConfig key, documented from its docstring, in their own group."""
     group = parser.add_argument_group(f"real-time settings (launch.yaml: {section})")
     docs = field_docs(RealtimeConfig)
-    kinds = {"sched_priority": int, "lock_memory": _bool, "cpus": _cpus}
+    kinds = {"sched_priority": int, "lock_memory": _bool, "cpu_idle_poll": _bool, "cpus": _cpus}
     metavars = {"sched_policy": "{fifo,rr,other}", "lock_memory": "{true,false}",
-                "cpus": "auto|all|0,1,..", "gc": "{freeze,default}"}  # fmt: skip
+                "cpu_idle_poll": "{true,false}", "cpus": "auto|all|0,1,..",
+                "gc": "{freeze,default}"}  # fmt: skip
     for f in fields(RealtimeConfig):
         default = getattr(defaults, f.name)
         group.add_argument(

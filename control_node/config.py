@@ -155,6 +155,11 @@ class RealtimeConfig:
     cpus: str | list[int] = "auto"
     """CPUs to run on: a list, all (no pinning), or auto: the launcher keeps the node and the
     bridges on separate CPUs when there are at least two (a lone process: no pinning)."""
+    cpu_idle_poll: bool = True
+    """While the process runs, keep idle CPUs polling instead of halting: a PM QoS request of
+    0 us on /dev/cpu_dma_latency, as cyclictest makes. A halted CPU (a virtual machine's vCPU
+    above all) wakes tens to hundreds of microseconds late for a message or a deadline; costs
+    power on idle CPUs. Needs write access to /dev/cpu_dma_latency (root, or a udev rule)."""
     gc: str = "freeze"
     """Garbage collector: freeze (after start-up, freeze what exists; the node then collects
     only in its loop's slack before a deadline, a bridge as usual) or default (Python's own)."""
@@ -293,9 +298,15 @@ class BridgeConfig:
     """Realtime: hold the last action this long, then apply the safe action (an action that
     came since the last step is always applied). Lockstep: wait this long for an answer before
     re-announcing to the node."""
-    spin_us: float = 2000.0
-    """Lockstep: busy-poll this long for each answer before sleeping; the answer usually comes
-    within it, which saves a process wake-up per step (a core's worth of CPU while it runs)."""
+    spin_us: float = 0.0
+    """Lockstep: busy-poll this long for each answer before sleeping. Off by default: with idle
+    CPUs polling (cpu_idle_poll) a sleeping bridge wakes at once, and polling the socket in a
+    loop made the round trip slower (HalfCheetah p50 128 us with 2000, 80 us with 0). Where
+    idle CPUs halt, 2000 saves a wake-up per step (a core's worth of CPU while it runs)."""
+    step_spin_us: float = 200.0
+    """Realtime: busy-poll this long before each step instead of sleeping through it, so the
+    step starts on time (a wake-up from sleep came 30-50 us late here, p99 80-160 us) and its
+    observation reaches the node before the tick phased for it (a fifth of a CPU at 1 kHz)."""
     seed: int = 0
     """Episode i resets with seed + i (as ddpg eval does)."""
     episodes: int = 0
@@ -332,7 +343,9 @@ class BridgeConfig:
                 f"rate_hz = {self.rate_hz} and real_time_factor = {self.real_time_factor}: set "
                 "one (rate_hz fixes the step rate; real_time_factor scales the environment's 1/dt)"
             )
-        _non_negative(self, "seed", "episodes", "max_episode_steps", "max_restarts", "spin_us")
+        _non_negative(
+            self, "seed", "episodes", "max_episode_steps", "max_restarts", "spin_us", "step_spin_us"
+        )
         if not self.id or not self.id.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"id = {brief(self.id)}: use letters, digits, '-' and '_'")
         _check_endpoint("node", self.node)

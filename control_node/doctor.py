@@ -22,6 +22,7 @@ import ctypes
 import glob
 import json
 import os
+import struct
 import sys
 import threading
 import time
@@ -217,7 +218,21 @@ def cpu_facts() -> dict[str, Any]:
         "smt_siblings": sorted(s for s in siblings if len(_cpulist(s)) > 1),
         "governors": governors,
         "cpuidle": _read(f"{base}/cpuidle/current_driver"),
+        "cpu_latency": cpu_latency_facts(),
     }
+
+
+def cpu_latency_facts() -> dict[str, Any]:
+    """The PM QoS device the node holds at 0 (``cpu_idle_poll``): may this user write it, and
+    the kernel's latency target now (2000000000 us: no process asks for one)."""
+    path = permissions.CPU_LATENCY
+    current = None
+    try:
+        with open(path, "rb") as f:
+            current = struct.unpack("i", f.read(4))[0]
+    except (OSError, struct.error):
+        pass
+    return {"path": path, "writable": os.access(path, os.W_OK), "current_us": current}
 
 
 def rt_threads() -> list[dict[str, Any]]:
@@ -501,11 +516,19 @@ def _cpu_advice(f: dict[str, Any]) -> list[str]:
             "real-time core; `nosmt` on the kernel command line or `echo off > "
             "/sys/devices/system/cpu/smt/control`, or keep the node's sibling idle"
         )
-    if c["cpuidle"] in ("intel_idle", "acpi_idle"):
+    latency = c["cpu_latency"]
+    if not latency["writable"]:
         lines.append(
-            f"cpuidle driver {c['cpuidle']}: waking from deep C-states costs up to hundreds of us; "
-            "hold /dev/cpu_dma_latency at 0 while the node runs (as cyclictest does) or boot with "
-            "`processor.max_cstate=1 intel_idle.max_cstate=0`"
+            f"{latency['path']} is not writable here, so the node and bridges cannot keep idle "
+            "CPUs polling (cpu_idle_poll): a halted CPU wakes tens to hundreds of us late for a "
+            f"message (a VM's vCPU above all); {permissions.permit({'cpu_latency'})}"
+        )
+    elif c["cpuidle"] in ("intel_idle", "acpi_idle", "haltpoll"):
+        lines.append(
+            f"cpuidle driver {c['cpuidle']}: waking an idle CPU costs up to hundreds of us; the "
+            f"node and bridges hold {latency['path']} at 0 while they run (cpu_idle_poll, as "
+            "cyclictest does); for everything else boot with `processor.max_cstate=1 "
+            "intel_idle.max_cstate=0` (a VM: `idle=poll`)"
         )
     return lines
 
@@ -598,6 +621,12 @@ def _fact_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         ("cpufreq", governors or "not exposed (no governor to set)"),
         ("cpuidle", c["cpuidle"] or "-"),
+        (
+            "cpu latency",
+            f"{c['cpu_latency']['path']} "
+            f"{'writable' if c['cpu_latency']['writable'] else 'not writable'}, target now "
+            f"{c['cpu_latency']['current_us']} us",
+        ),
         ("irqbalance", "running" if r["irqbalance"] else "not running"),
         (
             "RT throttle",

@@ -23,8 +23,14 @@ _PERMITS = {
     "rtprio": ("rtprio 99", "LimitRTPRIO=99", "--cap-add=sys_nice --ulimit rtprio=99"),
     "rt_runtime": (None, None, "--cpu-rt-runtime=950000"),
     "memlock": ("memlock unlimited", "LimitMEMLOCK=infinity", "--ulimit memlock=-1"),
+    "cpu_latency": (None, None, "--device=/dev/cpu_dma_latency"),
 }
 _RT_BUDGET = "a real-time budget for the cgroup (cpu.rt_runtime_us)"
+CPU_LATENCY = "/dev/cpu_dma_latency"
+_CPU_LATENCY_ACCESS = (
+    f"write access to {CPU_LATENCY} (a udev rule: "
+    '`KERNEL=="cpu_dma_latency", GROUP="realtime", MODE="0660"`)'
+)
 
 
 def proc_status() -> dict[str, str]:
@@ -95,9 +101,10 @@ def _user() -> str:
 
 
 def permit(needs: Iterable[str]) -> str:
-    """How to permit ``needs`` (``rtprio``, ``memlock``, ``rt_runtime``), as one clause: on a
-    host (limits.conf, or a systemd unit, which does not read limits.conf; plus the cgroup's
-    real-time budget), or in a container (docker flags)."""
+    """How to permit ``needs`` (``rtprio``, ``memlock``, ``rt_runtime``, ``cpu_latency``), as
+    one clause: on a host (limits.conf, or a systemd unit, which does not read limits.conf;
+    plus the cgroup's real-time budget and the PM QoS device's access), or in a container
+    (docker flags)."""
     chosen = set(needs)
     wanted = [_PERMITS[k] for k in _PERMITS if k in chosen]
     user = _user()
@@ -111,5 +118,7 @@ def permit(needs: Iterable[str]) -> str:
         )
     if "rt_runtime" in chosen:
         host.append(_RT_BUDGET)
+    if "cpu_latency" in chosen:
+        host.append(_CPU_LATENCY_ACCESS)
     docker = " ".join(flags for _, _, flags in wanted)
     return f"to permit: {', plus '.join(host)}, or in a container `docker run {docker}`"

@@ -7,7 +7,8 @@ goodbye); this module steps the environment, paces it and counts its episodes.
 ``realtime``: physics advances on the bridge's own clock whether or not an action came: by
 default at the environment's own rate, 1/dt times ``real_time_factor``, so simulated time runs
 at wall-clock speed (1.0); an explicit ``rate_hz`` overrides it. Each period it applies the
-newest action received, or holds the last one; once no action has come for ``watchdog_ms``
+newest action received, or holds the last one (it wakes ``step_spin_us`` early and
+busy-polls, so the step starts on time); once no action has come for ``watchdog_ms``
 (nor since its last step) it applies the node's safe action instead. It then sends the new
 observation with the reward and the episode flags of the step that produced it, the sequence
 number of the action it applied, and that action itself, so the node logs what really happened.
@@ -184,10 +185,11 @@ class Bridge:
     def _run_realtime(self, end: int | None) -> None:
         client = self.client
         period = round(1e9 / self.rate_hz)
+        spin = round(self.cfg.step_spin_us * 1e3)
         self._reset()
         next_t = P.now_ns() + period
         while not client.stopped and not self._episodes_done():
-            client.poll(next_t)
+            client.poll(next_t, spin)
             if client.stopped:
                 break
             # the newest action, or the safe one once the watchdog has run out (or no node)

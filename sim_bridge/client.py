@@ -330,10 +330,13 @@ class RobotClient:
         if self.errors[code] <= 3:
             self.log(f"bridge {self.bridge_id}: {line}")
 
-    def poll(self, until_ns: int) -> None:
+    def poll(self, until_ns: int, spin_ns: int = 0) -> None:
         """Take in messages until ``until_ns`` (CLOCK_MONOTONIC ns, ``time.monotonic_ns()``);
         return early when a node welcomes the robot, or when the answer :meth:`answer` waits
-        for arrives, or on :meth:`request_stop`. Says hello while no node has welcomed it."""
+        for arrives, or on :meth:`request_stop`. Says hello while no node has welcomed it.
+        ``spin_ns``: busy-poll the last stretch before ``until_ns`` instead of sleeping in it,
+        yielding between looks, so a realtime robot's next step starts on time (a wake-up from
+        sleep comes tens of microseconds late)."""
         was_connected = self.connected
         if self._waiting_for is not None and self.spin_ns > 0:
             spin_end = min(until_ns, P.now_ns() + self.spin_ns)
@@ -351,8 +354,11 @@ class RobotClient:
             remaining = until_ns - now
             if remaining <= 0:
                 return
+            if remaining <= spin_ns:
+                os.sched_yield()
+                continue
             retry = HELLO_FAST_RETRY_S if not self.connected else HELLO_RETRY_S
-            select.select([self.fd], [], [], min(remaining / 1e9, retry))
+            select.select([self.fd], [], [], min((remaining - spin_ns) / 1e9, retry))
 
     # -- realtime -----------------------------------------------------------------------------
     def command(self) -> Action:
@@ -450,8 +456,8 @@ class RobotClient:
             "t_obs_ns": t_obs,
             "t_send_ns": P.now_ns(),
         }
-        self._obs_sent_ns = fields["t_send_ns"]
         self._last_obs = P.encode(P.OBS, fields, arrays)
+        self._obs_sent_ns = P.now_ns()  # the round trip starts as the message leaves
         if self.connected and self._send(self._last_obs) and self.step > 0:
             self.transitions_sent += 1
             self.transitions_sent_total += 1

@@ -70,6 +70,9 @@ def test_json_report_has_every_field() -> None:
     cpus = r["cpus"]
     assert isinstance(cpus["count"], int) and cpus["count"] >= 1
     assert cpus["affinity"] == sorted(os.sched_getaffinity(0))
+    latency = cpus["cpu_latency"]
+    assert latency["path"] == "/dev/cpu_dma_latency" and isinstance(latency["writable"], bool)
+    assert latency["current_us"] is None or latency["current_us"] >= 0
     assert isinstance(r["rt_threads"], list)
     assert 0.0 <= r["load"]["cpu_busy_ratio"] <= 1.0
     assert isinstance(r["advice"], list) and all(isinstance(a, str) for a in r["advice"])

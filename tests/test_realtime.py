@@ -10,10 +10,13 @@ import json
 import os
 import re
 import resource
+import select
 import shutil
+import struct
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,7 @@ from control_node.config import (
     free_tcp_endpoint,
     from_mapping,
 )
+from control_node.node import clock as clock_module
 from control_node.node.clock import Clock
 from control_node.serve_cli import add_arguments as serve_arguments
 from control_node.serve_cli import node_config_from_args
@@ -95,6 +99,17 @@ def policy(pid: int) -> tuple[int, int]:
     ).sched_priority
 
 
+def assert_holds_idle_poll(pid: int) -> None:
+    """The process keeps a PM QoS request open, and the kernel's latency target is 0 us."""
+    fds = os.listdir(f"/proc/{pid}/fd")
+    held = {
+        os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds if os.path.exists(f"/proc/{pid}/fd/{fd}")
+    }
+    assert "/dev/cpu_dma_latency" in held, held
+    with open("/dev/cpu_dma_latency", "rb") as f:
+        assert struct.unpack("i", f.read(4))[0] == 0
+
+
 def assert_locked(pid: int) -> None:
     """Every mapping is locked: VmLck covers (nearly) all of VmSize."""
     locked, size = vm_kb(pid, "VmLck"), vm_kb(pid, "VmSize")
@@ -141,6 +156,7 @@ def test_serve_applies_the_settings_and_status_reports_them(tmp_path: Path) -> N
     assert policy(pid) == (os.SCHED_FIFO, 50)
     assert_locked(pid)
     assert os.sched_getaffinity(pid) == {NODE_CPU}
+    assert_holds_idle_poll(pid)
     threads = thread_stats(pid)
     for tid in threads:
         assert os.sched_getaffinity(tid) == {NODE_CPU}, threads[tid]
@@ -152,6 +168,7 @@ def test_serve_applies_the_settings_and_status_reports_them(tmp_path: Path) -> N
     rt = node.status()["realtime"]
     assert (rt["sched_policy"], rt["sched_priority"], rt["cpus"]) == ("SCHED_FIFO", 50, [NODE_CPU])
     assert rt["memory_locked"] and rt["vmlck_kb"] > 0 and rt["not_set"] == []
+    assert rt["cpu_idle_poll"] is True
     assert rt["gc"]["policy"] == "freeze" and rt["gc"]["automatic"] is False
     assert rt["gc"]["frozen"] > 0
     by_tid = {t["tid"]: t for t in rt["threads"]}
@@ -176,6 +193,7 @@ def test_serve_applies_the_settings_and_status_reports_them(tmp_path: Path) -> N
         timeout=120,
     ).stdout
     assert f"real-time SCHED_FIFO 50, CPUs [{NODE_CPU}], memory locked" in table, table
+    assert "idle CPUs polling, gc freeze" in table, table
     final = node.stop()
     assert final["realtime"]["sched_policy"] == "SCHED_FIFO"
 
@@ -189,6 +207,7 @@ def test_bridge_applies_the_settings_and_gets_actions(tmp_path: Path) -> None:
     assert policy(pid) == (os.SCHED_FIFO, 40)
     assert_locked(pid)
     assert os.sched_getaffinity(pid) == {BRIDGE_CPU}
+    assert_holds_idle_poll(pid)
     summary = stop_bridge(bridge)
     rt = summary["realtime"]
     assert (rt["sched_policy"], rt["sched_priority"], rt["cpus"]) == (
@@ -196,7 +215,7 @@ def test_bridge_applies_the_settings_and_gets_actions(tmp_path: Path) -> None:
         40,
         [BRIDGE_CPU],
     )
-    assert rt["memory_locked"] and rt["not_set"] == []
+    assert rt["memory_locked"] and rt["not_set"] == [] and rt["cpu_idle_poll"] is True
     assert rt["gc"] == {"policy": "freeze", "automatic": True, "frozen": rt["gc"]["frozen"]}
     assert summary["steps"] > 0 and summary["action_delivery_us"]["n"] > 0
     node.stop()
@@ -204,12 +223,14 @@ def test_bridge_applies_the_settings_and_gets_actions(tmp_path: Path) -> None:
 
 @needs_rt
 def test_a_lockstep_bridge_reads_its_answer_while_it_spins_for_it(tmp_path: Path) -> None:
-    """A lockstep bridge busy-waits (``spin_us``, 2 ms by default) for each answer, on its own
+    """A lockstep bridge may busy-wait (``spin_us``, here 2 ms) for each answer, on its own
     CPU at SCHED_FIFO. Its ZeroMQ I/O thread, which reads that answer, shares the CPU: one
     priority above the loop thread it preempts the spin. (At the same priority it could read
     only once the spin gave up: every round trip took the whole 2 ms.)"""
     node = start_node(tmp_path, log=False, extra=("--cpus", str(NODE_CPU)))
-    bridge = start_bridge(node.bind, "--mode", "lockstep", "--cpus", str(BRIDGE_CPU))
+    bridge = start_bridge(
+        node.bind, "--mode", "lockstep", "--spin-us", "2000", "--cpus", str(BRIDGE_CPU)
+    )
     wait_served(node, answered=200)
     threads = thread_stats(bridge.pid)
     io = [t for t in threads.values() if t[0].startswith("ZMQbg/IO/")]
@@ -311,6 +332,24 @@ def test_without_permission_one_line_says_what_and_how_and_both_serve(
         )
 
 
+def test_without_the_pm_qos_device_one_line_says_so_and_how(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # as in a container started without --device=/dev/cpu_dma_latency
+    monkeypatch.setattr(realtime.permissions, "CPU_LATENCY", str(tmp_path / "dev" / "absent"))
+    monkeypatch.setattr(realtime, "_held_latency_requests", [])
+    lines: list[str] = []
+    cfg = RealtimeConfig(sched_policy="other", lock_memory=False, cpus="all", gc="default")
+    settings = realtime.apply(cfg, "bridge", lines.append)
+    assert settings["cpu_idle_poll"] is False and realtime._held_latency_requests == []
+    assert len(settings["not_set"]) == 1 and len(lines) == 1, lines
+    assert "idle CPUs polling (" in lines[0] and "ENOENT" in lines[0], lines
+    assert "udev rule" in lines[0] and "--device=/dev/cpu_dma_latency" in lines[0], lines
+    assert (
+        realtime.apply(replace(cfg, cpu_idle_poll=False), "bridge", lines.append)["not_set"] == []
+    )
+
+
 # -- the launcher ---------------------------------------------------------------------------
 @needs_rt
 def test_launch_runs_real_time_with_node_and_bridge_on_separate_cpus(tmp_path: Path) -> None:
@@ -380,7 +419,7 @@ def test_flags_are_the_keys_and_round_trip() -> None:
         helps = {h.split()[0]: h for h in re.split(r" (?=--[a-z])", flat)}
         for key, default in (("--sched-policy", "fifo"), ("--sched-priority", priority),
                              ("--lock-memory", "true"), ("--cpus", "auto"),
-                             ("--gc", "freeze")):  # fmt: skip
+                             ("--cpu-idle-poll", "true"), ("--gc", "freeze")):  # fmt: skip
             assert f"(default: {default})" in helps[key], (cmd, key, helps.get(key))
 
 
@@ -423,10 +462,22 @@ def test_the_clock_collects_in_the_wait_with_the_time_left() -> None:
     assert len(calls) >= 2 and 10_000_000 < calls[0] <= 20_000_000, calls
 
 
-def test_after_a_lockstep_answer_the_clock_busy_drains_then_sleeps() -> None:
+def test_after_a_lockstep_answer_the_clock_busy_drains_then_sleeps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """``hold`` (the sessions call it after each lockstep answer) keeps the wait draining, never
     asleep in ``select``, for ``lockstep_spin_us``: the bridge's next observation is taken in at
-    once. Then the wait sleeps to its deadline as before, and without a hold it sleeps at once."""
+    once. Then the wait sleeps to its deadline as before, and without a hold it sleeps at once.
+    (The sleeps are read from ``select`` itself, so a busy machine cannot fail the test.)"""
+    sleeps: list[int] = []
+
+    class RecordingSelect:
+        @staticmethod
+        def select(r: list[int], w: list[int], x: list[int], timeout: float) -> Any:
+            sleeps.append(time.monotonic_ns())
+            return select.select(r, w, x, timeout)
+
+    monkeypatch.setattr(clock_module, "select", RecordingSelect)
     looks: list[int] = []
     cfg = NodeConfig(model="x", lockstep_spin_us=5000)
     clock = Clock(cfg, [], lambda: looks.append(time.monotonic_ns()))
@@ -434,8 +485,11 @@ def test_after_a_lockstep_answer_the_clock_busy_drains_then_sleeps() -> None:
     clock.hold()
     clock.wait(t0 + 30_000_000)
     assert time.monotonic_ns() - t0 >= 30_000_000
-    assert len([t for t in looks if t < t0 + 4_000_000]) > 100, len(looks)  # busy: looking
-    assert len([t for t in looks if t > t0 + 6_000_000]) <= 2, looks[-5:]  # then asleep
+    assert sleeps and sleeps[0] >= t0 + 5_000_000, [s - t0 for s in sleeps[:3]]  # held, then
+    assert len([t for t in looks if t < sleeps[0]]) > 10, len(looks)  # looking meanwhile
+    assert len(sleeps) <= 3, len(sleeps)  # asleep to the deadline
     looks.clear()
-    clock.wait(time.monotonic_ns() + 10_000_000)
-    assert len(looks) <= 2, looks
+    sleeps.clear()
+    t1 = time.monotonic_ns()
+    clock.wait(t1 + 10_000_000)
+    assert sleeps and len([t for t in looks if t < sleeps[0]]) == 1, looks  # asleep at once
