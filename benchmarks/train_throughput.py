@@ -11,7 +11,10 @@ from other processes on a shared machine spreads over all of them; the median is
 SB3 is not a dependency of the project: ``pip install -e .[bench]``.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 3000] [--warmup 1000]
-        [--presets paper,td3] [--repeats 1] [--threads 0] [--out PATH]
+        [--presets paper,td3] [--repeats 1] [--threads 1,default] [--out PATH]
+
+Rows: each side at its own default (ours: threads auto, training/threads.py; SB3: torch's own
+count), then like for like at each ``--threads`` count.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from training.trainer import Trainer
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_throughput.json"
 SB3_ALGO = {"paper": "DDPG", "td3": "TD3"}
 KEYS = ("steps_per_s", "steps_per_cpu_s")
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+"""torch's own count, read before anything sets it: what SB3 runs with by default."""
 
 
 class Clock:
@@ -66,10 +71,17 @@ class Clock:
 
 
 def ours(
-    env: str, preset: str, warmup: int, steps: int, seed: int, fast_update: bool = True
+    env: str,
+    preset: str,
+    warmup: int,
+    steps: int,
+    seed: int,
+    threads: int | None,
+    fast_update: bool = True,
 ) -> dict[str, float]:
     """Our trainer's rates over the ``steps`` updating steps that follow ``warmup`` random ones;
-    ``fast_update=False``: with autograd's backward passes instead of the hand-written ones.
+    ``threads`` None: our default (auto, training/threads.py); ``fast_update=False``: with
+    autograd's backward passes instead of the hand-written ones.
 
     The clock starts at the first update and stops at the final checkpoint, the first thing
     ``Trainer.run`` does after its loop when evaluation and periodic checkpoints are off.
@@ -88,6 +100,7 @@ def ours(
             checkpoint_every=0,
             log_every=warmup + steps,
             fast_update=fast_update,
+            threads=threads or 0,
         )
         trainer = Trainer(cfg, progress=False)
         clock = Clock()
@@ -110,8 +123,12 @@ def ours(
     return clock.rates(steps)
 
 
-def sb3(env_id: str, preset: str, warmup: int, steps: int, seed: int) -> dict[str, float]:
-    """SB3's DDPG/TD3 rates at the preset's widths, batch, noise and policy delay."""
+def sb3(
+    env_id: str, preset: str, warmup: int, steps: int, seed: int, threads: int | None
+) -> dict[str, float]:
+    """SB3's DDPG/TD3 rates at the preset's widths, batch, noise and policy delay; ``threads``
+    None: SB3's default, torch's own thread count (one per core, or OMP_NUM_THREADS)."""
+    torch.set_num_threads(threads or TORCH_DEFAULT_THREADS)
     try:
         import stable_baselines3 as sb
         from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
@@ -161,50 +178,65 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--presets", default="paper,td3", help="comma-separated presets")
     parser.add_argument("--env", default="HalfCheetah-v5")
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs per system")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch default")
+    parser.add_argument(
+        "--threads",
+        default="1,default",
+        help="like-for-like thread counts besides each side's default (comma-separated; "
+        f"'default': torch's own count, {TORCH_DEFAULT_THREADS} here)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     args = parser.parse_args(argv)
     presets = [p for p in args.presets.split(",") if p]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    systems: dict[str, Callable[[str, str, int, int, int], dict[str, float]]] = {
-        "ours": ours,
-        "ours autograd": partial(ours, fast_update=False),
-        "sb3": sb3,
-    }
+    counts = [TORCH_DEFAULT_THREADS if t == "default" else int(t) for t in args.threads.split(",")]
+    # (row, system, function, threads): None is each side's own default; pairs share a setting
+    Fn = Callable[..., dict[str, float]]
+    systems: list[tuple[str, str, Fn, int | None]] = [
+        ("default", "ours", ours, None),
+        ("default", "sb3", sb3, None),
+    ]
+    for n in dict.fromkeys(counts):
+        systems += [(f"{n} thread(s)", "ours", ours, n), (f"{n} thread(s)", "sb3", sb3, n)]
+    systems.append(
+        (f"{counts[0]} thread(s)", "ours autograd", partial(ours, fast_update=False), counts[0])
+    )
 
     rows: list[dict[str, Any]] = []
     for preset in presets:
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
+        runs: dict[tuple[str, str], list[dict[str, float]]] = {}
         for _ in range(args.repeats):
-            for name, fn in systems.items():
-                r = fn(args.env, preset, args.warmup, args.steps, args.seed)
-                runs[name].append(r)
+            for setting, name, fn, threads in systems:
+                r = fn(args.env, preset, args.warmup, args.steps, args.seed, threads)
+                r["threads"] = torch.get_num_threads()
+                runs.setdefault((setting, name), []).append(r)
                 print(
-                    f"  {preset:6} {name:13} {r['steps_per_s']:8.1f} steps/s "
-                    f"{r['steps_per_cpu_s']:8.1f} steps/cpu-s",
+                    f"  {preset:6} {setting:12} {name:13} {r['threads']} thr "
+                    f"{r['steps_per_s']:8.1f} steps/s {r['steps_per_cpu_s']:8.1f} steps/cpu-s",
                     flush=True,
                 )
-        base = {k: statistics.median(r[k] for r in runs["sb3"]) for k in KEYS}
-        for name, values in runs.items():
+        for (setting, name), values in runs.items():
+            base_runs = runs[(setting, "sb3")]
             row: dict[str, Any] = {
+                "setting": setting,
                 "system": f"sb3 {SB3_ALGO[preset]}" if name == "sb3" else name,
                 "preset": preset,
+                "threads": [r["threads"] for r in values],
             }
             for k in KEYS:
                 rate = statistics.median(r[k] for r in values)
                 row[k] = round(rate, 1)
                 row[f"{k}_runs"] = [round(r[k], 1) for r in values]
-                row[f"{k}_vs_sb3"] = round(rate / base[k], 2)
+                row[f"{k}_vs_sb3"] = round(rate / statistics.median(r[k] for r in base_runs), 2)
             rows.append(row)
 
     print(
-        f"\n{'system':13} {'preset':7} {'steps/s':>9} {'vs SB3':>7} {'steps/cpu-s':>12} {'vs SB3':>7}"
+        f"\n{'setting':12} {'system':13} {'preset':7} {'threads':>7} {'steps/s':>9} {'vs SB3':>7} "
+        f"{'steps/cpu-s':>12} {'vs SB3':>7}"
     )
     for r in rows:
         print(
-            f"{r['system']:13} {r['preset']:7} {r['steps_per_s']:9.1f} "
+            f"{r['setting']:12} {r['system']:13} {r['preset']:7} "
+            f"{'/'.join(str(t) for t in sorted(set(r['threads']))):>7} {r['steps_per_s']:9.1f} "
             f"{r['steps_per_s_vs_sb3']:6.2f}x {r['steps_per_cpu_s']:12.1f} "
             f"{r['steps_per_cpu_s_vs_sb3']:6.2f}x"
         )
@@ -216,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": args.repeats,
         "updates_per_step": 1,
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "torch_default_threads": TORCH_DEFAULT_THREADS,
         "cpu": cpu_model(),
         "cpu_count": torch.multiprocessing.cpu_count(),
         "python": platform.python_version(),

@@ -11,6 +11,9 @@ import pytest
 from loop_helpers import kill_started
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+# One torch thread for every run the suite starts (threads auto takes OMP_NUM_THREADS): same-seed
+# runs compare bit for bit, which needs the same thread count whatever else the machine runs.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

@@ -181,9 +181,11 @@ class TrainConfig:
     and the simba, crossq and distributional networks always use autograd."""
     compile: bool = False
     """torch.compile the update; compiling costs 20-70 s and measured no faster on a 2-core CPU, so off by default."""
-    threads: int = 1
-    """Torch intra-op threads. 1 is fastest for these small networks: a second OpenMP thread on a
-    busy 2-core machine made updates 10x slower. 0 leaves torch's default (one per core)."""
+    threads: int = 0
+    """Torch intra-op threads; 0 (auto): the CPUs free of other work, at most 4, fewer if other
+    processes take CPUs later (a thread without a CPU of its own made updates 10x slower), or
+    OMP_NUM_THREADS where set (training/threads.py). Same-seed runs match bit for bit only with
+    the same count: fix it where they must."""
 
     def __post_init__(self) -> None:
         if self.learning_starts == -1:

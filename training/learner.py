@@ -18,6 +18,7 @@ from training.agent import DDPGAgent
 from training.config import TrainConfig
 from training.frame_replay import FrameReplay, ReplayMemoryError, check_fits, format_bytes
 from training.replay import Batch, ReplayBuffer
+from training.threads import ThreadPolicy
 
 Replay = ReplayBuffer | FrameReplay
 
@@ -37,19 +38,19 @@ class Learner:
     replay: Replay
     replay_bytes: int
     agent: DDPGAgent
+    threads: ThreadPolicy
 
 
 def make_learner(cfg: TrainConfig, spec: RobotSpec, frames: int | None = None) -> Learner:
     """The replay and the agent for ``spec``'s observations and actions. ``frames``: a pixel
     replay's frame ring, when the default (capacity and an eighth) is not enough (``ddpg
     retrain`` fills it with runs of a few steps)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = ThreadPolicy(cfg.threads)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     replay, need = _make_replay(cfg, spec, device, frames)
     agent = DDPGAgent(cfg, spec.obs_shape, spec.act_low, spec.act_high, device)
-    return Learner(device, replay, need, agent)
+    return Learner(device, replay, need, agent, threads)
 
 
 def _make_replay(

@@ -45,6 +45,7 @@ from training.agent import DDPGAgent
 from training.config import TrainConfig, load_config, make_config
 from training.evaluation import EvalResult, eval_metrics, evaluate
 from training.learner import Learner, Replay, make_learner, sample
+from training.threads import ThreadPolicy
 from training.logged_data import (
     LoggedTransitions,
     PixelLog,
@@ -237,7 +238,7 @@ def _run(
 
     # 3. Offline metrics before, the updates, and the metrics after.
     offline = OfflineMetrics(agent, replay, data, cfg)
-    update_s = _update(agent, replay, metrics, cfg, updates, progress)
+    update_s = _update(agent, replay, metrics, cfg, updates, progress, learner.threads)
     counters.wall_s += update_s
     rundir.save_checkpoint(out, cfg, agent, noise, rng, counters, replay)
     loss, q_report = offline.after()
@@ -421,8 +422,10 @@ def _update(
     cfg: TrainConfig,
     updates: int,
     progress: bool,
+    threads: ThreadPolicy,
 ) -> float:
-    """``updates`` agent updates on replay samples; metrics every ``log_every`` updates.
+    """``updates`` agent updates on replay samples; metrics every ``log_every`` updates (and a
+    look at the CPUs, ``threads.check``).
     Sampling has its own seeded generator and the global torch seed (target policy smoothing)
     is reset, so the same inputs give the same weights. Returns the seconds spent."""
     generator = torch.Generator(device=replay.device).manual_seed(cfg.seed)
@@ -446,6 +449,7 @@ def _update(
         for i in range(1, updates + 1):
             values = agent.update(sample(replay, cfg, generator=generator))
             if i % cfg.log_every == 0 or i == updates:
+                threads.check()
                 now = time.perf_counter()
                 row = {k: float(v) for k, v in values.items()}
                 row["updates_per_s"] = (i - done_log) / (now - t_log)

@@ -60,6 +60,7 @@ class Trainer:
         learner = make_learner(cfg, self.spec)
         self.device, self.replay, self.agent = learner.device, learner.replay, learner.agent
         self.replay_bytes = learner.replay_bytes
+        self.threads = learner.threads
         # the action noise, and the uniform actions before learning starts
         self.noise, self.rng = exploration(cfg, self.spec.act_dim)
         self.step = 0
@@ -200,6 +201,7 @@ class Trainer:
                 for _ in range(self._updates_due(before) * cfg.updates_per_step):
                     metrics = agent.update(self.sample())
                 if _passed(before, self.step, cfg.log_every):
+                    self.threads.check()
                     now = time.perf_counter()
                     values = {k: float(v) for k, v in metrics.items()}
                     values["steps_per_s"] = (self.step - step_log) / (now - t_log)
