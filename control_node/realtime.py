@@ -108,9 +108,9 @@ def io_priority(policy: int, priority: int, role: str) -> int:
     and at its own priority its I/O thread sends a tick's actions when the tick is done and
     the loop sleeps; one above, every send preempted the tick (1 kHz, one bridge, 30 s: tick
     work p50 64 -> 100 us, misses 0.023% -> 0.163%; ten bridges at 100 Hz 0.095% -> 0.212%).
-    A lockstep answer, sent outside a tick, is handed over at once instead (the sessions
-    yield after it). Either way their work is bounded by the loop's: the receive high-water
-    mark stops them reading once the loop falls behind."""
+    A lockstep answer, sent outside a tick, is handed over at once instead (the clock
+    yields after it, ``Clock.hold``). Either way their work is bounded by the loop's: the
+    receive high-water mark stops them reading once the loop falls behind."""
     if policy not in RT:
         return 0
     return min(priority + (role == "bridge"), os.sched_get_priority_max(policy))

@@ -45,7 +45,6 @@ from training.agent import DDPGAgent
 from training.config import TrainConfig, load_config, make_config
 from training.evaluation import EvalResult, eval_metrics, evaluate
 from training.learner import Learner, Replay, make_learner, sample
-from training.threads import ThreadPolicy
 from training.logged_data import (
     LoggedTransitions,
     PixelLog,
@@ -59,6 +58,7 @@ from training.metrics import MetricsWriter, finite_or_none
 from training.noise import exploration
 from training.offline_metrics import OfflineMetrics, describe
 from training.replay import ReplayBuffer
+from training.threads import ThreadPolicy
 
 Loader = Callable[[Callable[[str], None]], LoggedTransitions | PixelLog]
 """Reads the training data, warnings to its argument (``load_logs`` of the log directories)."""

@@ -56,10 +56,13 @@ class Clock:
         """gc freeze: collects garbage if it fits in the slack (ns) left; True if it did."""
 
     def hold(self) -> None:
-        """A lockstep observation was just answered: its bridge's next one comes soon, so
-        busy-drain for ``lockstep_spin_us`` instead of sleeping. It is then taken in at once,
-        with warm caches: a wake-up from ``select`` costs tens of microseconds here, and the
-        node's work runs about 1.5x slower after one."""
+        """A lockstep observation was just answered. First yield, so ZeroMQ's I/O thread, at
+        the loop's own real-time priority on its CPU, sends the answer now rather than once
+        the loop sleeps (``realtime.io_priority``). Then, since the bridge's next observation
+        comes soon, busy-drain for ``lockstep_spin_us`` instead of sleeping: it is taken in
+        at once, with warm caches (a wake-up from ``select`` cost tens of microseconds here,
+        and the node's work ran about 1.5x slower after one)."""
+        sched_yield()
         self.spin_until = P.now_ns() + self.lockstep_spin_ns
 
     def wait(self, deadline: int) -> None:

@@ -74,7 +74,8 @@ class Sessions:
         self.last_rejections: collections.deque[str] = collections.deque(maxlen=5)
         self.log_handoff = Samples()
         self.lockstep_answered: Callable[[], None] = lambda: None
-        """Called after each lockstep answer (the loop's clock holds off sleeping)."""
+        """Called after each lockstep answer (the loop's clock, :meth:`Clock.hold`, yields to
+        ZeroMQ's I/O thread so the answer leaves at once, then holds off sleeping)."""
         self._handoff_add = self.log_handoff.add
         self.episode_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
         self.returns_by_model: dict[str, list[float]] = collections.defaultdict(list)
@@ -397,10 +398,7 @@ class Sessions:
         if lockstep and not ended:  # answered first: the log hand-off is not on its round trip
             self._answer([b], [msg], [t_recv])
             b.fresh += 1
-            # and handed to ZeroMQ's I/O thread at once: at the loop's own real-time priority
-            # it would send only once the loop sleeps (realtime.io_priority)
-            os.sched_yield()
-            self.lockstep_answered()
+            self.lockstep_answered()  # the clock hands it to ZeroMQ at once, then holds
         if step == 0 or episode != b.episode:
             b.episode, b.ep_return, b.ep_length, b.ep_models = episode, 0.0, 0, set()
         if step > 0:
