@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.learning import at_step, run_one
+from benchmarks.learning import at_step, run_one, wall_per_100k
 from training.metrics import read_csv
 
 MODERN = "simba-crossq"
@@ -54,14 +54,6 @@ def last_mean(evals: list[dict[str, float]], step: int, n: int = 3) -> float | N
     """Mean return of the last ``n`` evaluations at or before ``step`` (None before any)."""
     upto = [r["return_mean"] for r in evals if r["step"] <= step]
     return float(np.mean(upto[-n:])) if len(upto) >= n else None
-
-
-def wall_per_100k(run: Path) -> float | None:
-    """Seconds per 100k environment steps once updates run, from the run's own train.csv
-    (each row: the rate over its last ``log_every`` steps)."""
-    rows = read_csv(run / "train.csv") if (run / "train.csv").exists() else []
-    rates = [r["steps_per_s"] for r in rows if r.get("updates", 0) > 0 and r["steps_per_s"] > 0]
-    return float(np.mean([100_000 / v for v in rates])) if rates else None
 
 
 def main() -> None:
