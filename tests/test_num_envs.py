@@ -24,6 +24,7 @@ from models.policy import OnnxPolicy
 from sim_bridge.envs import make_env
 from training.config import make_config
 from training.metrics import read_csv
+from training.replay import ReplayBuffer, Transitions
 from training.rundir import resume_config
 from training.trainer import Trainer, train
 
@@ -246,14 +247,12 @@ def _train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_replay_extend_wraps_around_and_its_device_path_stores_the_same() -> None:
     """Rows of N environments go into the ring in row order, wrapping; the path a CUDA replay
     takes (torch indexing instead of numpy views) is run here on the CPU and stores the same."""
-    from training.replay import ReplayBuffer
-
     rng = np.random.default_rng(0)
     host, device = ReplayBuffer(7, 3, 2), ReplayBuffer(7, 3, 2)
     device._host = None  # as on CUDA
     one = ReplayBuffer(7, 3, 2)
     for _ in range(4):  # 4 x 3 rows into 7: wraps twice
-        cols = (
+        cols = Transitions(
             rng.standard_normal((3, 3)),
             rng.standard_normal((3, 2)).astype(np.float32),
             rng.standard_normal(3),
@@ -261,8 +260,8 @@ def test_replay_extend_wraps_around_and_its_device_path_stores_the_same() -> Non
             rng.random(3) < 0.3,
             rng.random(3) < 0.3,
         )
-        host.extend(*cols)
-        device.extend(*cols)
+        host.extend(cols)
+        device.extend(cols)
         for r in range(3):
             one.add(*(c[r] for c in cols))
     assert host.pos == device.pos == one.pos == 12 % 7 and len(host) == 7
@@ -270,7 +269,7 @@ def test_replay_extend_wraps_around_and_its_device_path_stores_the_same() -> Non
         assert torch.equal(host.data[k], device.data[k]), k
         assert torch.equal(host.data[k], one.data[k]), k
     with pytest.raises(ValueError, match="8 rows do not fit a replay of capacity 7"):
-        host.extend(*(np.zeros((8, *v.shape[1:])) for v in host.data.values()))
+        host.extend(Transitions(*(np.zeros((8, *v.shape[1:])) for v in host.data.values())))
 
 
 def test_ctrl_c_to_the_process_group_checkpoints_a_run_with_async_workers(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.replay import ReplayBuffer
+from training.replay import ReplayBuffer, Transitions
 
 
 def _add(buf: ReplayBuffer, i: int, terminated: bool = False, truncated: bool = False) -> None:
@@ -129,10 +129,10 @@ def test_n_step_follows_each_environment_by_stride_and_never_wraps_into_the_olde
     followed by the oldest, which belongs to no episode of it."""
     buf = ReplayBuffer(6, obs_dim=1, act_dim=1)
     for t in range(4):  # env 0: obs 0, 1, 2, 3; env 1: 10, 11, 12, 13; no ends
-        buf.extend(
+        buf.extend(Transitions(
             np.array([[t], [10.0 + t]]), np.zeros((2, 1)), np.array([1.0, 2.0]),
             np.array([[t + 1.0], [11.0 + t]]), np.zeros(2), np.zeros(2),
-        )  # fmt: skip
+        ))  # fmt: skip
     # the ring holds steps 1..3 of both (slots 2..5 then 0, 1): step 1 is the oldest
     b = buf.n_step_batch(torch.arange(6), n_step=3, gamma=0.5, stride=2)
     for i, s0 in enumerate(buf.data["obs"][:, 0].tolist()):

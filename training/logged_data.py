@@ -31,6 +31,7 @@ from control_node.translog.schema import LogError, LogSpec
 from models.spec import RobotSpec, pixels_dict
 from training.frame_replay import FrameReplay
 from training.learner import Replay
+from training.replay import Transitions
 
 REPLAY_COLUMNS = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
 
@@ -214,14 +215,17 @@ def _state_transitions(contents: LogContents, spec: LogSpec, where: str) -> Logg
         episode = pair * span + (number - number.min())
     else:  # absurd episode numbers: fall back to numbering the distinct keys
         _, episode = np.unique(np.stack([pair, number], 1), axis=0, return_inverse=True)
-    return state_transitions(
-        spec,
+    rows = Transitions(
         obs,
         action,
         reward,
         next_obs,
         table.column("terminated").to_numpy(zero_copy_only=False),
         table.column("truncated").to_numpy(zero_copy_only=False),
+    )
+    return state_transitions(
+        spec,
+        rows,
         episode.reshape(-1).astype(np.int64),
         table.column("step").to_numpy(),
         chunks=len(contents.chunks),
@@ -231,28 +235,17 @@ def _state_transitions(contents: LogContents, spec: LogSpec, where: str) -> Logg
 
 
 def state_transitions(
-    spec: LogSpec,
-    obs: np.ndarray,
-    action: np.ndarray,
-    reward: np.ndarray,
-    next_obs: np.ndarray,
-    terminated: np.ndarray,
-    truncated: np.ndarray,
-    episode: np.ndarray,
-    step: np.ndarray,
-    **found: Any,
+    spec: LogSpec, rows: Transitions, episode: np.ndarray, step: np.ndarray, **found: Any
 ) -> LoggedTransitions:
     """Rows as training data; only rows whose obs, action, reward and next_obs are all finite
     are ``valid``. ``found``: LoggedTransitions' file counts."""
     valid = (
-        np.isfinite(obs).all(axis=1)
-        & np.isfinite(next_obs).all(axis=1)
-        & np.isfinite(action).all(axis=1)
-        & np.isfinite(reward)
+        np.isfinite(rows.obs).all(axis=1)
+        & np.isfinite(rows.next_obs).all(axis=1)
+        & np.isfinite(rows.action).all(axis=1)
+        & np.isfinite(rows.reward)
     )
-    return LoggedTransitions(
-        spec, obs, action, reward, next_obs, terminated, truncated, episode, step, valid, **found
-    )
+    return LoggedTransitions(spec, *rows, episode, step, valid, **found)
 
 
 def check_logs_fit(log: LogSpec, robot: RobotSpec, against: str) -> None:

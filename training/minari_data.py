@@ -30,6 +30,7 @@ from training.logged_data import (
     pixel_log,
     state_transitions,
 )
+from training.replay import Transitions
 
 
 def load_minari(
@@ -118,9 +119,8 @@ def _rows(episodes: list[Any], spec: LogSpec) -> LoggedTransitions:
         trunc.append(np.asarray(ep.truncations, bool))
         key.append(np.full(n, i, np.int64))
         step.append(np.arange(n, dtype=np.int64))
-    return state_transitions(
-        spec, *(np.concatenate(c) for c in (obs, action, reward, next_obs, term, trunc, key, step))
-    )
+    rows = Transitions(*(np.concatenate(c) for c in (obs, action, reward, next_obs, term, trunc)))
+    return state_transitions(spec, rows, np.concatenate(key), np.concatenate(step))
 
 
 def _segment(ep: Any, spec: LogSpec, dataset_id: str) -> PixelSegment:

@@ -25,7 +25,21 @@ class Batch(NamedTuple):
     the learner's gamma."""
 
 
-_FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
+class Transitions(NamedTuple):
+    """Rows of transitions, ``[n, ...]`` arrays in row order: what the trainer's step of ``n``
+    environments stores (:meth:`ReplayBuffer.extend`) and what logs are read into
+    (``training.logged_data``). ``terminated`` apart from ``truncated``; ``next_obs`` is the
+    observation after the step, the episode's own last one where it ended."""
+
+    obs: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    next_obs: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+
+
+_FIELDS = Transitions._fields
 _BATCH_FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
 
 
@@ -84,21 +98,13 @@ class ReplayBuffer:
         self.pos = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
-    def extend(
-        self,
-        obs: np.ndarray,
-        action: np.ndarray,
-        reward: np.ndarray,
-        next_obs: np.ndarray,
-        terminated: np.ndarray,
-        truncated: np.ndarray,
-    ) -> None:
-        """:meth:`add` for a row per environment (``[n, ...]`` each, ``n <= capacity``), in
-        row order: the trainer's step of ``n`` environments, with the ring's wrap-around."""
-        n = len(reward)
+    def extend(self, rows: Transitions) -> None:
+        """:meth:`add` for ``rows`` (``n <= capacity``), in row order: the trainer's step of
+        ``n`` environments, with the ring's wrap-around."""
+        n = len(rows.reward)
         if n > self.capacity:
             raise ValueError(f"{n} rows do not fit a replay of capacity {self.capacity}")
-        values = (obs, action, reward, next_obs, terminated, truncated)
+        values = rows
         idx = (np.arange(n) + self.pos) % self.capacity
         if self._host is not None:
             for name, v in zip(_FIELDS, values, strict=True):

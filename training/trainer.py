@@ -37,7 +37,7 @@ from training.frame_replay import FrameReplay
 from training.learner import make_learner, sample
 from training.metrics import MetricsWriter, finite_or_none, plot_learning_curve
 from training.noise import exploration
-from training.replay import Batch
+from training.replay import Batch, Transitions
 
 
 class Trainer:
@@ -81,25 +81,18 @@ class Trainer:
         if isinstance(self.replay, FrameReplay):
             self.replay.start_episode(info["frame"][0])  # the stack is implicit: frames once
 
-    def _store(
-        self,
-        obs: np.ndarray,
-        action: np.ndarray,
-        reward: np.ndarray,
-        next_obs: np.ndarray,
-        terminated: np.ndarray,
-        truncated: np.ndarray,
-        info: dict[str, Any],
-    ) -> None:
-        """Rows of transitions (one per environment kept) into the replay; ``next_obs`` is each
-        episode's own last observation where it ended."""
+    def _store(self, rows: Transitions, info: dict[str, Any]) -> None:
+        """Rows of transitions (one per environment kept) into the replay."""
         if isinstance(self.replay, FrameReplay):  # one environment
-            frame = _step_info(info, "frame", 0, bool(terminated[0] or truncated[0]))
-            self.replay.add(action[0], float(reward[0]), frame, terminated[0], truncated[0])
+            ended = bool(rows.terminated[0] or rows.truncated[0])
+            frame = _step_info(info, "frame", 0, ended)
+            self.replay.add(
+                rows.action[0], float(rows.reward[0]), frame, rows.terminated[0], rows.truncated[0]
+            )
         else:
-            self.replay.extend(obs, action, reward, next_obs, terminated, truncated)
+            self.replay.extend(rows)
         if self.agent.normalizer is not None:  # the statistics of what the replay holds
-            self.agent.normalizer.update(obs)
+            self.agent.normalizer.update(rows.obs)
 
     def _noise_sigma(self) -> float:
         """The exploration scale at this step: constant, or DrQ-v2's linear decay."""
@@ -179,8 +172,11 @@ class Trainer:
                 keep = min(n_envs, cfg.steps - self.step)
                 rows = slice(0, keep)
                 self._store(
-                    obs[rows], action[rows], reward[rows], last_obs[rows],
-                    terminated[rows], truncated[rows], info,
+                    Transitions(
+                        obs[rows], action[rows], reward[rows], last_obs[rows],
+                        terminated[rows], truncated[rows],
+                    ),
+                    info,
                 )  # fmt: skip
                 before = self.step
                 ep_return += reward
