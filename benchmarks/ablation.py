@@ -32,26 +32,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.learning import at_step, run_one, wall_per_100k
 from training.metrics import read_csv
 
-MODERN = "simba-crossq"
-CROSSQ = {"simba": False, "actor_hidden": (256, 256), "critic_hidden": (256, 256)}
-"""The preset without Simba's blocks: CrossQ's batch-normalised critic, no target networks,
-observation normalisation, on plain 256-256 networks (TD3's widths)."""
+MODERN = "crossq"
+SIMBA = {"simba": True, "actor_hidden": (128,), "critic_hidden": (128, 128)}
+"""Simba's blocks (4x inner width) at about the plain networks' cost per layer: 128 wide."""
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "td3": ("td3", {}),
-    "crossq": (MODERN, CROSSQ),
-    "crossq+simba": (MODERN, {"actor_hidden": (128,), "critic_hidden": (128, 128)}),
-    "crossq+simba-wide": (MODERN, {}),  # the preset's own widths: 128 actor, 256 x 2 critic
-    "crossq+distributional": (MODERN, {**CROSSQ, "distributional": True}),
-    "crossq+n-step": (MODERN, {**CROSSQ, "n_step": 3}),
-    "crossq-obs-norm": (MODERN, {**CROSSQ, "obs_norm": False}),
-    "crossq+utd2-reset": (MODERN, {**CROSSQ, "updates_per_step": 2, "reset_every": 100_000}),
+    "crossq": (MODERN, {}),  # the preset: CrossQ's critic and observation normalisation, 256-256
+    "crossq+simba": (MODERN, SIMBA),
+    "crossq+simba-wide": (MODERN, {**SIMBA, "critic_hidden": (256, 256)}),  # Simba's critic
+    "crossq+distributional": (MODERN, {"distributional": True}),
+    "crossq+n-step": (MODERN, {"n_step": 3}),
+    "crossq-obs-norm": (MODERN, {"obs_norm": False}),
+    "crossq+utd2-reset": (MODERN, {"updates_per_step": 2, "reset_every": 100_000}),
 }
 MILESTONES = (25_000, 50_000, 100_000, 300_000)
 
 
 def last_mean(evals: list[dict[str, float]], step: int, n: int = 3) -> float | None:
-    """Mean return of the last ``n`` evaluations at or before ``step`` (None before any)."""
+    """Mean return of the last ``n`` evaluations up to ``step`` (None if the run has not
+    reached it, or has fewer evaluations)."""
+    if at_step(evals, step) is None:
+        return None
     upto = [r["return_mean"] for r in evals if r["step"] <= step]
     return float(np.mean(upto[-n:])) if len(upto) >= n else None
 

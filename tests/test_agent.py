@@ -124,7 +124,7 @@ def test_presets_match_the_papers() -> None:
     assert paper.learning_starts == 5_000
     assert (td3.noise, td3.noise_sigma) == ("gaussian", 0.1)
     assert td3.twin_q and (td3.policy_noise, td3.noise_clip, td3.policy_delay) == (0.2, 0.5, 2)
-    assert set(PRESETS) == {"paper", "td3", "drq", "simba-crossq"}  # drq: pixels only
+    assert set(PRESETS) == {"paper", "td3", "drq", "crossq"}  # drq: pixels only
     # the classic presets keep Adam's default beta1 and plain MLPs (tests/test_modern_preset.py)
     assert paper.adam_beta1 == td3.adam_beta1 == 0.9
     assert not any((td3.simba, td3.crossq, td3.distributional, td3.reset_every, td3.n_step - 1))

@@ -1,5 +1,5 @@
-"""The simba-crossq preset and its switches: Simba residual networks, CrossQ's target-free
-batch-normalised critic, the categorical (C51) critic, n-step returns and periodic resets.
+"""The crossq preset and its switches: CrossQ's target-free batch-normalised critic, Simba
+residual networks, the categorical (C51) critic, n-step returns and periodic resets.
 
 Each switch is checked against a hand computation or the property that defines it; the preset
 trains past learning_starts, gives equal runs for equal seeds, and exports a parity-checked
@@ -33,8 +33,9 @@ TINY = {"actor_hidden": (16,), "critic_hidden": (16, 16), "batch_size": 8}
 
 
 def _agent(**kw: Any) -> tuple[DDPGAgent, ReplayBuffer]:
+    """The preset with Simba's blocks on (the switch that changes the networks most), tiny."""
     torch.manual_seed(0)
-    cfg = make_config("simba-crossq", **{**TINY, **kw})
+    cfg = make_config("crossq", **{**TINY, "simba": True, **kw})
     agent = DDPGAgent(cfg, OBS, LOW, HIGH, torch.device("cpu"))
     buf = ReplayBuffer(64, OBS, ACT)
     rng = np.random.default_rng(0)
@@ -53,25 +54,37 @@ def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 # -- the preset and its switches ---------------------------------------------------------------
-def test_preset_is_simba_networks_with_crossq_learner() -> None:
-    cfg = make_config("simba-crossq")
-    assert cfg.simba and cfg.crossq and cfg.obs_norm
+def test_preset_is_the_td3_learner_with_crossq_critic() -> None:
+    cfg = make_config("crossq")
+    assert cfg.crossq and cfg.obs_norm and not cfg.simba
+    assert cfg.actor_hidden == cfg.critic_hidden == (256, 256) and cfg.batch_size == 256
     assert (cfg.adam_beta1, cfg.policy_delay, cfg.actor_lr, cfg.critic_lr) == (0.5, 3, 1e-3, 1e-3)
     assert cfg.twin_q and cfg.policy_noise == 0.2  # TD3's clipped double Q and smoothing stay
-    # measured later: off in the preset, each one flag away
+    # measured by the ablation and left off, each one flag away
     assert not cfg.distributional and cfg.n_step == 1 and cfg.reset_every == 0
     assert cfg.updates_per_step == 1
-    agent, _ = _agent()
+    torch.manual_seed(0)
+    agent = DDPGAgent(cfg, OBS, LOW, HIGH, torch.device("cpu"))
     assert isinstance(agent.actor, Actor) and isinstance(agent.critic, BlockCritic)
+    assert agent.critic_target is None and agent.actor_target is None  # CrossQ: no targets
+    member = agent.critic.members[0]
+    assert isinstance(member[0], torch.nn.BatchNorm1d)  # CrossQ: the (s, a) input normalised
+    norms = [m for m in member.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(norms) == 3  # the input and both hidden layers
+    assert not [m for m in agent.actor.modules() if isinstance(m, ResidualBlock)]
+    assert agent._mlp is None  # the batch-normalised critic takes the autograd path
+
+
+def test_simba_switch_gives_residual_layernorm_networks() -> None:
+    agent, _ = _agent()
     blocks = [m for m in agent.actor.body if isinstance(m, ResidualBlock)]
     assert len(blocks) == 1 and isinstance(blocks[0].norm, torch.nn.LayerNorm)
     assert isinstance(agent.actor.body[-1], torch.nn.LayerNorm)
     member = agent.critic.members[0]
-    assert isinstance(member[0], torch.nn.BatchNorm1d)  # CrossQ: the (s, a) input normalised
+    assert isinstance(member[0], torch.nn.BatchNorm1d)
     critic_blocks = [m for m in member.modules() if isinstance(m, ResidualBlock)]
     assert len(critic_blocks) == 2
     assert all(isinstance(b.norm, torch.nn.BatchNorm1d) for b in critic_blocks)
-    assert agent._mlp is None  # the block networks take the autograd path
 
 
 def test_residual_block_adds_its_normalised_mlp_to_the_input() -> None:
@@ -95,14 +108,14 @@ def test_each_switch_turns_off_alone() -> None:
     assert no_crossq.critic_target is not None and no_crossq.actor_target is not None
     norms = [m for m in no_crossq.critic.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     assert not norms  # Simba's LayerNorm critic
-    assert make_config("simba-crossq", obs_norm=False).obs_norm is False
+    assert make_config("crossq", obs_norm=False).obs_norm is False
 
 
 def test_config_refuses_what_the_switches_cannot_do() -> None:
     with pytest.raises(ConfigError, match="equal widths"):
-        make_config("simba-crossq", critic_hidden=(256, 128))
+        make_config("crossq", simba=True, critic_hidden=(256, 128))
     with pytest.raises(ConfigError, match="learns from the state"):
-        make_config("simba-crossq", pixels=True)
+        make_config("crossq", pixels=True)
     with pytest.raises(ConfigError, match="crossq = True is for state runs"):
         make_config("drq", pixels=True, crossq=True)
     with pytest.raises(ConfigError, match="batch_norm"):
@@ -271,7 +284,7 @@ def _tiny(tmp_path: Path, name: str, **kw: Any) -> Any:
         "export": False,
         "out": str(tmp_path / name),
     }
-    return make_config("simba-crossq", **{**base, **kw})
+    return make_config("crossq", **{**base, "simba": True, **kw})
 
 
 def test_resets_in_a_run_keep_the_replay(tmp_path: Path) -> None:
@@ -305,7 +318,7 @@ def test_smoke_run_updates_and_exports_a_raw_observation_actor(tmp_path: Path) -
     ckpt = torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=True)
     assert int(ckpt["agent"]["obs_norm"]["count"]) == 400 and "critic_target" not in ckpt["agent"]
     policy = OnnxPolicy(tmp_path / "s" / "actor.onnx")
-    assert policy.metadata.obs_norm == "standardize" and policy.metadata.preset == "simba-crossq"
+    assert policy.metadata.obs_norm == "standardize" and policy.metadata.preset == "crossq"
     obs = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32) * 2
     np.testing.assert_allclose(policy(obs), trainer.agent.act(obs), rtol=0, atol=1e-5)
 

@@ -195,7 +195,7 @@ def test_help_documents_every_flag_with_default() -> None:
     for f in fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in text, f.name
     assert text.count("(default:") >= len(fields(TrainConfig))
-    assert "td3: 100, paper: 64, simba-crossq: 256, td3 --pixels: 256" in text  # per preset
+    assert "td3: 100, paper: 64, crossq: 256, td3 --pixels: 256" in text  # per preset
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path: Path) -> None:
