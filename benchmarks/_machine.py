@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
+from typing import Any
 
 
 def cpu_model() -> str:
@@ -15,3 +17,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def write_result(out: Path, result: dict[str, Any]) -> None:
+    """``result`` and the CPU it ran on as indented JSON at ``out`` (its folder made); says
+    where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**result, "machine": cpu_model()}, indent=2) + "\n")
+    print(f"wrote {out}")

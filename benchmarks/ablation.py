@@ -18,8 +18,6 @@ with disjoint ``--variants`` (each run uses one torch thread) and report them to
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._machine import write_result
 from benchmarks.learning import at_step, run_one, wall_per_100k
 from training.metrics import read_csv
 
@@ -106,22 +105,16 @@ def main() -> None:
         )
         wall = r["wall_s_per_100k"]
         print(f"{r['variant']:<24}{cells}{'-' if wall is None else f'{wall / 60:.1f}':>10}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "env": args.env,
-                "seed": args.seed,
-                "steps": args.steps,
-                "rows": rows,
-                "wall_s": time.perf_counter() - t0,
-                "machine": platform.processor() or platform.machine(),
-            },
-            indent=2,
-        )
-        + "\n"
+    write_result(
+        args.out,
+        {
+            "env": args.env,
+            "seed": args.seed,
+            "steps": args.steps,
+            "rows": rows,
+            "wall_s": time.perf_counter() - t0,
+        },
     )
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._machine import write_result
 from training.config import PIXEL_ONLY_PRESETS, PRESETS, make_config
 from training.metrics import read_csv
 from training.rundir import resume_config
@@ -198,23 +198,17 @@ def main() -> None:
         known = [v for v in by_run.values() if v is not None]
         if known:
             print(f"wall time per 100k steps, {preset}: {np.median(known) / 60:.1f} min (median)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "rows": rows,
-                "wall_s_per_100k": walls,
-                "steps": args.steps,
-                "seeds": args.seeds,
-                "presets": args.presets,
-                "wall_s": time.perf_counter() - t0,
-                "machine": platform.processor() or platform.machine(),
-            },
-            indent=2,
-        )
-        + "\n"
+    write_result(
+        args.out,
+        {
+            "rows": rows,
+            "wall_s_per_100k": walls,
+            "steps": args.steps,
+            "seeds": args.seeds,
+            "presets": args.presets,
+            "wall_s": time.perf_counter() - t0,
+        },
     )
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
