@@ -348,10 +348,20 @@ def deadline_loop(
 
 
 def run_loop(
-    policy: str, priority: int, rate_hz: float, seconds: float, spin_us: float
+    policy: str,
+    priority: int,
+    rate_hz: float,
+    seconds: float,
+    spin_us: float,
+    idle_poll: bool = False,
 ) -> dict[str, Any]:
-    """:func:`deadline_loop` on a thread of its own scheduled under ``policy``."""
-    out: dict[str, Any] = {"policy": policy, "priority": priority if policy != "SCHED_OTHER" else 0}
+    """:func:`deadline_loop` on a thread of its own scheduled under ``policy``; ``idle_poll``:
+    with a PM QoS request of 0 us held meanwhile, as the node holds it (``cpu_idle_poll``)."""
+    out: dict[str, Any] = {
+        "policy": policy,
+        "priority": priority if policy != "SCHED_OTHER" else 0,
+        "idle_poll": idle_poll,
+    }
     failed: list[OSError] = []
 
     def body() -> None:
@@ -361,7 +371,12 @@ def run_loop(
             failed.append(e)
             return
         _set_timer_slack(1000)
-        out.update(deadline_loop(rate_hz, seconds, spin_us))
+        if not idle_poll:
+            out.update(deadline_loop(rate_hz, seconds, spin_us))
+            return
+        with open(permissions.CPU_LATENCY, "wb", buffering=0) as request:
+            request.write(struct.pack("i", 0))
+            out.update(deadline_loop(rate_hz, seconds, spin_us))
 
     thread = threading.Thread(target=body, name=f"doctor-{policy}", daemon=True)
     thread.start()
@@ -369,27 +384,31 @@ def run_loop(
     if failed:
         raise OSError(f"could not set {policy} {out['priority']}: {failed[0].strerror}")
     spin = f" + spin {out['spin_us']:g} us" if out.get("spin_us") else ""
-    out["label"] = f"{policy}" + (f" {priority}" if out["priority"] else "") + spin
+    idle = " + idle poll" if idle_poll else ""
+    out["label"] = f"{policy}" + (f" {priority}" if out["priority"] else "") + idle + spin
     return out
 
 
 def measure(
     facts: dict[str, Any], rate_hz: float, seconds: float, spin_us: float
 ) -> list[dict[str, Any]]:
-    """SCHED_OTHER, then (where permitted) SCHED_FIFO, then SCHED_FIFO with the bounded spin.
+    """SCHED_OTHER, then (where permitted) SCHED_FIFO, SCHED_FIFO with idle CPUs polling (where
+    the PM QoS device is writable: the node's default), then SCHED_FIFO with the bounded spin.
     Adds to ``facts`` what only shows while they run: how busy the CPUs were, and other real-time
     threads, looked for again after each loop (they come and go)."""
-    specs = [("SCHED_OTHER", 0, 0.0)]
+    specs = [("SCHED_OTHER", 0, 0.0, False)]
     if facts["realtime_permitted"]:
         priority = facts["realtime"]["fifo_priority"]
-        specs.append(("SCHED_FIFO", priority, 0.0))
+        specs.append(("SCHED_FIFO", priority, 0.0, False))
+        if facts["cpus"]["cpu_latency"]["writable"]:
+            specs.append(("SCHED_FIFO", priority, 0.0, True))
         if spin_us > 0:
-            specs.append(("SCHED_FIFO", priority, spin_us))
+            specs.append(("SCHED_FIFO", priority, spin_us, False))
     seen = {(t["pid"], t["tid"]): t for t in facts["rt_threads"]}
     busy0, total0 = _cpu_times()
     loops = []
-    for policy, priority, spin in specs:
-        loops.append(run_loop(policy, priority, rate_hz, seconds, spin))
+    for policy, priority, spin, idle_poll in specs:
+        loops.append(run_loop(policy, priority, rate_hz, seconds, spin, idle_poll))
         seen.update({(t["pid"], t["tid"]): t for t in rt_threads()})
     busy1, total1 = _cpu_times()
     facts["rt_threads"] = sorted(seen.values(), key=_by_priority)
@@ -412,7 +431,8 @@ def _figures(lp: dict[str, Any]) -> str:
 
 def verdict(loops: list[dict[str, Any]], rate_hz: float, permitted: bool) -> dict[str, Any]:
     """Does a loop here hold ``rate_hz`` within the miss target, and which is the simplest that
-    does? (The loops come simplest first: SCHED_OTHER, SCHED_FIFO, SCHED_FIFO with the spin.)"""
+    does? (The loops come simplest first: SCHED_OTHER, SCHED_FIFO, with idle polling, with the
+    spin.)"""
     held = [lp for lp in loops if lp["miss_ratio"] <= MISS_TARGET]
     best = min(loops, key=lambda lp: (lp["miss_ratio"], lp["lateness_us"]["p99"]))
     other, target = loops[0], f"target <= {_pct(MISS_TARGET)}"
@@ -666,7 +686,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if not args.json:
-        n = 3 if args.spin_us else 2
+        n = 4 if args.spin_us else 3  # other, FIFO, FIFO + idle poll, FIFO + spin
         print(
             f"ddpg doctor: timing up to {n} loops of {args.seconds:g} s at {args.rate_hz:g} Hz ...",
             file=sys.stderr,

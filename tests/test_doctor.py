@@ -87,9 +87,13 @@ def test_json_report_has_every_field() -> None:
     assert abs(other["ticks"] + other["misses"] - 1000 * other["seconds"]) <= 0.03 * 500 + 2
     fifo = [lp for lp in r["loops"] if lp["policy"] == "SCHED_FIFO"]
     assert bool(fifo) == r["realtime_permitted"]
-    if fifo:  # this root VM: SCHED_FIFO at the node's priority, then with the bounded spin
-        assert [lp["priority"] for lp in fifo] == [50, 50]
-        assert [lp["spin_us"] for lp in fifo] == [0, 200]
+    if fifo:  # this root VM: SCHED_FIFO at the node's priority, with idle CPUs polling where
+        # the PM QoS device is writable, then with the bounded spin
+        polled = r["cpus"]["cpu_latency"]["writable"]
+        assert [lp["priority"] for lp in fifo] == [50] * (2 + polled)
+        assert [lp["spin_us"] for lp in fifo] == [0] + [0] * polled + [200]
+        assert [lp["idle_poll"] for lp in fifo] == [False] + [True] * polled + [False]
+        assert all(("+ idle poll" in lp["label"]) is lp["idle_poll"] for lp in fifo)
 
 
 def test_without_cap_sys_nice_there_is_no_fifo_loop_and_the_advice_says_how() -> None:
