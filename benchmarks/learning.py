@@ -93,10 +93,12 @@ def run_one(
             seed=seed,
             steps=steps,
             out=str(out),
-            eval_every=5_000,
-            checkpoint_every=10_000,
-            save_replay=True,
-            **(overrides or {}),
+            **{
+                "eval_every": 5_000,
+                "checkpoint_every": 10_000,
+                "save_replay": True,
+                **(overrides or {}),
+            },
         )
         train(cfg)
     return out

@@ -21,9 +21,11 @@ Three measurements, each printed as a table and written together to
    its batch size (paper 16, drq 32), and the paper's networks with DrQ-v2's strides 2,1,1 for
    comparison; updates per second and time as a ratio to the paper preset's, in one run.
 4. **Learning** (optional, long): ``--learn-steps 33334`` runs ``ddpg train --pixels --preset
-   drq`` on InvertedPendulum-v5 for 100,000 environment steps (action repeat 3) and reports the
-   evaluation returns against the target (mean >= 900 within 100,000 env steps);
-   ``--learning-run DIR`` reports a finished run instead.
+   drq`` on InvertedPendulum-v5 for 100,000 environment steps (action repeat 3) for each of
+   ``--learn-seeds`` (0 1 2) and reports the evaluation returns against the target: a mean of at
+   least 900 within 100,000 env steps on every seed, held (the mean of the last 3 evaluations
+   within the budget at least 900 too). Runs resume: the same command continues them.
+   ``--learning-run DIR [DIR ...]`` reports finished runs instead.
 
 Torch threads default to 1 (``--threads``). On a GPU machine pass ``--device cuda`` (replay and
 networks on the GPU; rendering still goes through ``MUJOCO_GL``). The load average (1 min) before
@@ -31,7 +33,8 @@ and after, the CPU model and the command line are recorded.
 
     .venv/bin/python benchmarks/pixels.py [--quick] [--device cpu] [--threads 1]
         [--frames 300] [--cheetah-frames 24] [--capacity 20000] [--iters 200]
-        [--update-iters 20] [--skip-render] [--learn-steps N | --learning-run DIR] [--out PATH]
+        [--update-iters 20] [--skip-render] [--learn-steps N [--learn-seeds S ...] | --learning-run DIR ...]
+        [--out PATH]
 """
 
 from __future__ import annotations
@@ -65,8 +68,8 @@ PENDULUM, CHEETAH = "InvertedPendulum-v5", "HalfCheetah-v5"
 STACK, REPEAT = 3, 3
 EPISODE = 1000
 LEARNING_NOTE = (
-    "learning run not measured in this run: pass --learn-steps 33334 (100k env steps, about an "
-    "hour on 2 CPU cores) or --learning-run RUN_DIR (a finished ddpg train --pixels run)"
+    "learning runs not measured in this run: pass --learn-steps 33334 (100k env steps per seed) "
+    "or --learning-run RUN_DIR ... (finished ddpg train --pixels runs)"
 )
 
 
@@ -201,10 +204,12 @@ def bench_replay(
 UPDATE_CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("paper", "paper", {}),
     ("drq", "drq", {}),
+    ("drq, an encoder each", "drq", {"shared_encoder": False}),
     ("paper, strides 2,1,1", "paper", {"conv_strides": (2, 1, 1)}),
 ]
-"""(label, preset, overrides): the two pixel presets, and the paper's networks with DrQ-v2's
-strides (23,328 conv features) to show what the stride choice costs."""
+"""(label, preset, overrides): the two pixel presets; drq with an encoder for each network, as
+the paper trains them, to show what DrQ-v2's one shared encoder saves; and the paper's networks
+with DrQ-v2's strides (23,328 conv features) to show what the stride choice costs."""
 
 
 def bench_updates(
@@ -256,6 +261,19 @@ def bench_updates(
 
 # -- 4. learning ---------------------------------------------------------------------------------
 TARGET_RETURN, TARGET_ENV_STEPS = 900.0, 100_000
+HELD_EVALS = 3
+"""The target is held when the mean of the last 3 evaluations within the budget is at it."""
+
+
+def learning_runs(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every seed's summary, and whether all met the target and held it."""
+    return {
+        "measured": True,
+        "runs": summaries,
+        "seeds": [r["seed"] for r in summaries],
+        "all_met": all(r["target_met"] for r in summaries),
+        "all_held": all(r["held"] for r in summaries),
+    }
 
 
 def learning_summary(run_dir: Path) -> dict[str, Any]:
@@ -294,6 +312,7 @@ def learning_summary(run_dir: Path) -> dict[str, Any]:
             )
     within = [e for e in evals if e["env_steps"] <= TARGET_ENV_STEPS]
     first = next((e for e in evals if e["return_mean"] >= TARGET_RETURN), None)
+    last = [e["return_mean"] for e in within[-HELD_EVALS:]]
     return {
         "measured": True,
         "run_dir": str(run_dir),
@@ -306,6 +325,8 @@ def learning_summary(run_dir: Path) -> dict[str, Any]:
         "best_within_target_steps": max((e["return_mean"] for e in within), default=None),
         "first_eval_at_target": first,
         "target_met": first is not None and first["env_steps"] <= TARGET_ENV_STEPS,
+        "last_evals": last,
+        "held": len(last) == HELD_EVALS and sum(last) / len(last) >= TARGET_RETURN,
         "wall_s": final["wall_s"] if final else None,
         "steps_per_s": final["steps_per_s"] if final else None,
     }
@@ -345,16 +366,31 @@ def print_tables(result: dict[str, Any]) -> None:
         )
     learn = result["learning"]
     if learn.get("measured"):
-        print(f"\nLearning: {learn['env']} from pixels, {learn['preset']}, seed {learn['seed']}")
-        print(f"{'env steps':>14} {'agent steps':>12} {'eval return':>16}")
-        for e in learn["evals"]:
-            ret = f"{e['return_mean']:.1f} ± {e['return_std']:.1f}"
-            mark = "" if e["env_steps_exact"] else " (≤)"
-            print(f"{e['env_steps']:>10,}{mark:4} {e['agent_steps']:>12,} {ret:>16}")
-        met = "met" if learn["target_met"] else "NOT met"
+        for run in learn["runs"]:
+            print(f"\nLearning: {run['env']} from pixels, {run['preset']}, seed {run['seed']}")
+            print(f"{'env steps':>14} {'agent steps':>12} {'eval return':>16}")
+            for e in run["evals"]:
+                ret = f"{e['return_mean']:.1f} ± {e['return_std']:.1f}"
+                mark = "" if e["env_steps_exact"] else " (≤)"
+                print(f"{e['env_steps']:>10,}{mark:4} {e['agent_steps']:>12,} {ret:>16}")
         print(
-            f"target {TARGET_RETURN:.0f} within {TARGET_ENV_STEPS:,} env steps: {met} (best "
-            f"within: {learn['best_within_target_steps']})"
+            f"\n{'seed':>4} {'first >= target (env steps)':>28} {'best within':>12} "
+            f"{'last 3 evaluations':>26} {'met':>4} {'held':>5} {'wall min':>9}"
+        )
+        for run in learn["runs"]:
+            first = f"{run['first_eval_at_target']['env_steps']:,}" if run["target_met"] else "-"
+            last = " / ".join(f"{v:.0f}" for v in run["last_evals"])
+            wall = f"{run['wall_s'] / 60:.1f}" if run["wall_s"] else "-"
+            print(
+                f"{run['seed']:>4} {first:>28} "
+                f"{run['best_within_target_steps']:>12} {last:>26} "
+                f"{'yes' if run['target_met'] else 'NO':>4} {'yes' if run['held'] else 'NO':>5} "
+                f"{wall:>9}"
+            )
+        print(
+            f"target: {TARGET_RETURN:.0f} within {TARGET_ENV_STEPS:,} env steps on every seed, "
+            f"held (mean of the last {HELD_EVALS} evaluations within): "
+            f"{'met' if learn['all_met'] and learn['all_held'] else 'NOT met'}"
         )
     else:
         print(f"\n{learn['note']}")
@@ -385,12 +421,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps (33,334 = 100k env steps; about an hour on 2 CPU cores)",
     )
     parser.add_argument(
-        "--learn-out", type=Path, default=Path("runs/bench-pixels-learn"), help="its run dir"
+        "--learn-seeds", type=int, nargs="+", default=[0, 1, 2], help="its seeds (0 1 2)"
+    )
+    parser.add_argument(
+        "--learn-out",
+        type=Path,
+        default=Path("runs/bench-pixels-learn"),
+        help="where its runs go (ROOT/drq-sSEED; an interrupted run resumes from its checkpoint "
+        "when the same command is run again)",
     )
     parser.add_argument(
         "--learning-run",
         type=Path,
-        help="report a finished `ddpg train --pixels` run on InvertedPendulum-v5 instead",
+        nargs="+",
+        help="report finished `ddpg train --pixels` runs on InvertedPendulum-v5 instead",
     )
     parser.add_argument("--skip-render", action="store_true", help="skip the render rates")
     parser.add_argument("--quick", action="store_true", help="tiny run: a smoke test, not figures")
@@ -417,19 +461,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     updates = bench_updates(args.update_iters, args.capacity, device, args.seed)
     learning: dict[str, Any] = {"measured": False, "note": LEARNING_NOTE}
     if args.learn_steps:
-        from training.config import make_config
-        from training.trainer import train
+        from benchmarks.learning import run_one
 
-        out = args.learn_out
-        print(f"learning run: {args.learn_steps} agent steps into {out}", flush=True)
-        cfg = make_config(
-            "drq", env=PENDULUM, pixels=True, steps=args.learn_steps, seed=args.seed,
-            eval_every=2_500, eval_episodes=10, out=str(out), device=str(device),
-        )  # fmt: skip
-        train(cfg, progress=False)
-        learning = learning_summary(out)
+        runs = []
+        for seed in args.learn_seeds:
+            print(f"learning run: seed {seed}, {args.learn_steps} agent steps", flush=True)
+            overrides = {"pixels": True, "eval_every": 2_500, "eval_episodes": 10,
+                         "checkpoint_every": 5_000, "device": str(device), "threads": args.threads}  # fmt: skip
+            name = f"drq-s{seed}"
+            runs.append(
+                run_one(PENDULUM, seed, args.learn_steps, "drq", args.learn_out, overrides, name)
+            )
+        learning = learning_runs([learning_summary(run) for run in runs])
     elif args.learning_run is not None:
-        learning = learning_summary(args.learning_run)
+        learning = learning_runs([learning_summary(run) for run in args.learning_run])
     wall = time.perf_counter() - t0
 
     result: dict[str, Any] = {

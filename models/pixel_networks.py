@@ -12,7 +12,9 @@ dense layer and a 19 MB actor), which is what makes learning from pixels afforda
 ``strides`` takes DrQ-v2's choice (or any other) where compute allows.
 
 The actor and the critic each have their own encoder (the paper trains them as separate
-networks). The critic's action joins after the first dense layer, i.e. at the second dense
+networks), or, as in DrQ-v2, the actor's ``encoder`` is the critic's: one encoder, trained by
+the critic's loss alone, whose features the actor reads (``training.agent``'s
+``shared_encoder``). The actor holds it either way, so its exported graph takes frames. The critic's action joins after the first dense layer, i.e. at the second dense
 layer, as in the paper ("actions were not included until the 2nd hidden layer of Q"). Its dense
 part is the state :class:`~models.networks.Critic` on the encoder's features, so it has the same
 API: ``critic(obs, act) -> [n_q, B]`` and ``critic.q1(obs, act) -> [B]``, with one encoder shared
@@ -122,7 +124,12 @@ class PixelActor(nn.Module):
 
     def normalized(self, obs: torch.Tensor) -> torch.Tensor:
         """The policy's action in [-1, 1]."""
-        return torch.tanh(self.head(self.trunk(self.encoder(obs))))
+        return self.from_features(self.encoder(obs))
+
+    def from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The action in [-1, 1] for the encoder's ``features`` (a shared encoder's, computed
+        once per batch)."""
+        return torch.tanh(self.head(self.trunk(features)))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """The policy's action in the environment's units."""

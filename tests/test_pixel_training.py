@@ -15,7 +15,9 @@ import torch
 
 from control_node.config import ConfigError
 from models.policy import OnnxPolicy, pixel_spec_dict
+from training.agent import DDPGAgent
 from training.config import make_config
+from training.replay import Batch
 from training.trainer import train
 
 DDPG = [sys.executable, "-m", "control_node"]
@@ -85,6 +87,78 @@ def test_same_seed_pixel_runs_are_equal(tmp_path: Path) -> None:
         assert torch.equal(value, weights[1][1][key]), key
 
 
+def _pixel_agent(seed: int = 0, **overrides: object) -> tuple[DDPGAgent, Batch]:
+    cfg = make_config("drq", env="InvertedPendulum-v5", pixels=True, batch_size=8, **overrides)
+    torch.manual_seed(seed)
+    agent = DDPGAgent(cfg, (9, 64, 64), np.array([-3.0]), np.array([3.0]), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    frames = torch.randint(0, 256, (2, 8, 9, 64, 64), generator=gen, dtype=torch.uint8)
+    batch = Batch(
+        obs=frames[0],
+        action=torch.rand(8, 1, generator=gen) * 6 - 3,
+        reward=torch.rand(8, generator=gen),
+        next_obs=frames[1],
+        terminated=torch.zeros(8),
+    )
+    return agent, batch
+
+
+def _copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_drq_shares_one_encoder_that_only_the_critic_trains() -> None:
+    """DrQ-v2: the actor reads the critic's encoder, and its own loss never moves it."""
+    agent, batch = _pixel_agent()
+    assert agent.cfg.shared_encoder
+    assert agent.actor.encoder is agent.critic.encoder
+    assert agent.actor_target.encoder is agent.critic_target.encoder  # targets share it too
+    own = {id(p) for p in agent.actor_params}
+    assert own.isdisjoint(id(p) for p in agent.critic.encoder.parameters())
+    # policy_delay 2: the first update steps the critic alone; with delay 1 the actor as well.
+    # The encoder comes out the same either way, while the actor's own layers do learn.
+    encoders, trunks = [], []
+    for delay in (1, 2):
+        agent, batch = _pixel_agent(policy_delay=delay)
+        trunk = _copy(agent.actor.trunk)
+        agent.update(batch)
+        encoders.append(_copy(agent.critic.encoder))
+        trunks.append(
+            any(not torch.equal(v, agent.actor.trunk.state_dict()[k]) for k, v in trunk.items())
+        )
+    assert trunks == [True, False]
+    for key, value in encoders[0].items():
+        assert torch.equal(value, encoders[1][key]), key
+
+
+def test_a_shared_encoder_moves_its_target_by_tau_once() -> None:
+    agent, batch = _pixel_agent()
+    before = _copy(agent.critic_target.encoder)
+    agent.update(batch)  # policy_delay 1: a soft update follows the critic's step
+    tau = agent.cfg.tau
+    online, target = agent.critic.encoder.state_dict(), agent.critic_target.encoder.state_dict()
+    for key, old in before.items():
+        expected = torch.lerp(old, online[key], tau)
+        assert torch.allclose(target[key], expected, atol=1e-7), key
+
+
+def test_without_a_shared_encoder_each_network_has_its_own() -> None:
+    agent, _ = _pixel_agent(shared_encoder=False)
+    assert agent.actor.encoder is not agent.critic.encoder
+    assert len(agent.actor_params) == len(list(agent.actor.parameters()))
+
+
+def test_a_checkpoint_with_two_encoders_is_refused_by_a_shared_one(tmp_path: Path) -> None:
+    """Runs saved before the drq preset shared its encoder resume only as they were saved."""
+    separate, _ = _pixel_agent(shared_encoder=False)
+    shared, _ = _pixel_agent()
+    with pytest.raises(RuntimeError, match="shared_encoder: false"):
+        shared.load_state_dict(separate.state_dict())
+    again, _ = _pixel_agent(seed=1)
+    again.load_state_dict(shared.state_dict())  # its own kind loads
+    assert torch.equal(again.actor.encoder.convs[0].weight, shared.critic.encoder.convs[0].weight)
+
+
 def test_paper_pixel_preset_is_the_papers() -> None:
     cfg = make_config("paper", pixels=True)
     assert cfg.batch_size == 16 and cfg.final_init == 3e-4
@@ -93,7 +167,8 @@ def test_paper_pixel_preset_is_the_papers() -> None:
     assert cfg.noise == "ou" and not cfg.twin_q and cfg.n_step == 1 and cfg.augment_pad == 0
     drq = make_config(None, pixels=True)  # the pixel default
     assert drq.preset == "drq" and drq.augment_pad == 4 and drq.n_step == 3
-    assert drq.noise_decay_steps > 0 and drq.twin_q
+    assert drq.noise_decay_steps > 0 and drq.twin_q and drq.shared_encoder
+    assert not cfg.shared_encoder  # the paper trains actor and critic as separate networks
     assert make_config(None).preset == "td3"  # the state default is unchanged
 
 
@@ -103,6 +178,7 @@ def test_paper_pixel_preset_is_the_papers() -> None:
         ({"preset": "drq"}, "preset 'drq' learns from pixels; add --pixels"),
         ({"n_step": 0}, "n_step = 0 must be in 1..100"),  # any run may use n-step returns
         ({"augment_pad": 4}, "augment_pad = 4 needs --pixels"),
+        ({"shared_encoder": True}, "shared_encoder = True needs --pixels"),
         ({"pixels": True, "pixel_size": 8}, "pixel_size = 8 must be in 16..256"),
         ({"pixels": True, "conv_strides": "2,2"}, "conv_strides = (2, 2) needs 3"),
     ],

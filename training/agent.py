@@ -55,6 +55,8 @@ def build_networks(
             strides=cfg.conv_strides,
             feature_dim=cfg.pixel_features,
         )
+        if cfg.shared_encoder:  # DrQ-v2: one encoder, the critic's (drawn after the actor's,
+            actor.encoder = critic.encoder  # so the random draws stay as without sharing)
         return actor, critic
     obs_dim = obs_shape if isinstance(obs_shape, int) else int(np.prod(obs_shape))
     actor = Actor(
@@ -258,16 +260,37 @@ class _ListAdam:
         self.opt.step()
 
 
+def _check_one_encoder(actor: dict[str, torch.Tensor], critic: dict[str, torch.Tensor]) -> None:
+    """A checkpoint for a shared encoder holds the same encoder in actor and critic; one saved
+    with an encoder each (before ``shared_encoder`` existed, or with it off) does not, and
+    loading it would silently put the critic's encoder under the actor."""
+    for key, value in actor.items():
+        if key.startswith("encoder.") and not torch.equal(value, critic.get(key, value + 1)):
+            raise RuntimeError(
+                "the checkpoint's actor has an encoder of its own, but the config shares the "
+                "critic's (shared_encoder: true); set shared_encoder: false in its config.yaml"
+            )
+
+
 def _soft_update_pairs(
-    target: nn.Module, online: nn.Module
+    *pairs: tuple[nn.Module, nn.Module],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Target and online parameters and floating-point buffers, paired for one foreach lerp."""
+    """Target and online parameters and floating-point buffers of each ``(target, online)``
+    pair, paired for one foreach lerp; a tensor two networks share (a shared encoder) once."""
 
     def tensors(m: nn.Module) -> list[torch.Tensor]:
-        params = [p.data for p in m.parameters()]
-        return params + [b for b in m.buffers() if b.is_floating_point()]
+        return [*m.parameters(), *(b for b in m.buffers() if b.is_floating_point())]
 
-    return tensors(target), tensors(online)
+    targets: list[torch.Tensor] = []
+    onlines: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for target, online in pairs:
+        for t, o in zip(tensors(target), tensors(online), strict=True):
+            if id(o) not in seen:
+                seen.add(id(o))
+                targets.append(t.data)
+                onlines.append(o.data)
+    return targets, onlines
 
 
 class DDPGAgent:
@@ -293,21 +316,25 @@ class DDPGAgent:
         self.actor_target: Actor | PixelActor | None = None
         self.critic_target: Critic | PixelCritic | BlockCritic | None = None
         if not cfg.crossq:
-            self.actor_target = copy.deepcopy(self.actor).eval()
-            self.critic_target = copy.deepcopy(self.critic).eval()
+            # Copied together, so a shared encoder is shared by the targets too.
+            self.actor_target, self.critic_target = copy.deepcopy((self.actor, self.critic))
+            self.actor_target.eval()
+            self.critic_target.eval()
             for p in (*self.actor_target.parameters(), *self.critic_target.parameters()):
                 p.requires_grad_(False)
-        self.actor_params = list(self.actor.parameters())
+        # The actor's own parameters: a shared encoder is the critic's, trained by its loss.
         self.critic_params = list(self.critic.parameters())
+        critic_ids = {id(p) for p in self.critic_params}
+        self.actor_params = [p for p in self.actor.parameters() if id(p) not in critic_ids]
         self.actor_opt: _FlatAdam | _ListAdam
         self.critic_opt: _FlatAdam | _ListAdam
         beta1 = cfg.adam_beta1
         self._soft_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         if cfg.pixels:
             assert self.actor_target is not None and self.critic_target is not None
-            actor_pairs = _soft_update_pairs(self.actor_target, self.actor)
-            critic_pairs = _soft_update_pairs(self.critic_target, self.critic)
-            self._soft_pairs = (actor_pairs[0] + critic_pairs[0], actor_pairs[1] + critic_pairs[1])
+            self._soft_pairs = _soft_update_pairs(
+                (self.actor_target, self.actor), (self.critic_target, self.critic)
+            )
             self.actor_opt = _ListAdam(self.actor_params, cfg.actor_lr, beta1=beta1)
             self.critic_opt = _ListAdam(self.critic_params, cfg.critic_lr, cfg.critic_l2, beta1)
         else:
@@ -401,10 +428,19 @@ class DDPGAgent:
             )  # fmt: skip
         assert self.actor_target is not None and self.critic_target is not None
         action = (batch.action - self.actor.action_bias) / self.actor.action_scale
+        if cfg.shared_encoder:  # the batch holds features: the networks' heads take them
+            assert isinstance(self.actor_target, PixelActor)
+            assert isinstance(self.critic, PixelCritic)
+            assert isinstance(self.critic_target, PixelCritic)
+            actor_target, critic_target = self.actor_target.from_features, self.critic_target.q
+            critic: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.critic.q
+        else:
+            actor_target, critic_target = self.actor_target.normalized, self.critic_target
+            critic = self.critic
         with torch.no_grad():
-            next_action = smooth_target_action(self.actor_target.normalized(batch.next_obs), cfg)
-            target = td_target(batch, self.critic_target(batch.next_obs, next_action), cfg.gamma)
-        q = self.critic(batch.obs, action)
+            next_action = smooth_target_action(actor_target(batch.next_obs), cfg)
+            target = td_target(batch, critic_target(batch.next_obs, next_action), cfg.gamma)
+        q = critic(batch.obs, action)
         loss = (q - target).pow(2).mean(dim=1).sum()
         return loss, q[0].mean().detach()
 
@@ -414,7 +450,22 @@ class DDPGAgent:
             return block_update.actor_loss(
                 self.actor, self.critic, self.atoms, obs, self.cfg.crossq
             )
+        if self.cfg.shared_encoder:  # ``obs``: the shared encoder's features, detached
+            assert isinstance(self.actor, PixelActor) and isinstance(self.critic, PixelCritic)
+            return -self.critic.q.q1(obs, self.actor.from_features(obs)).mean()
         return -self.critic.q1(obs, self.actor.normalized(obs)).mean()
+
+    def encode(self, batch: Batch) -> Batch:
+        """With a shared encoder, ``batch`` (frames, as :meth:`normalize` gives it) with the
+        frames replaced by the encoder's features (DrQ-v2): obs through the critic's encoder,
+        which the critic's loss then trains, and next_obs through the target networks' copy
+        of it (DrQ); the losses take those. Otherwise ``batch`` unchanged."""
+        if not self.cfg.shared_encoder:
+            return batch
+        assert isinstance(self.critic, PixelCritic) and isinstance(self.critic_target, PixelCritic)
+        with torch.no_grad():
+            next_features = self.critic_target.encoder(batch.next_obs)
+        return batch._replace(obs=self.critic.encoder(batch.obs), next_obs=next_features)
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One critic step; every ``policy_delay`` critic steps also an actor step and a soft
@@ -427,12 +478,15 @@ class DDPGAgent:
             batch = batch._replace(
                 obs=random_shift(batch.obs, pad), next_obs=random_shift(batch.next_obs, pad)
             )
+        batch = self.encode(batch)
         if self._mlp is not None:
             critic_loss, q_mean = self._mlp.critic_step(batch)
             self.critic_opt.step_filled()
         else:
             critic_loss, q_mean = self._critic_step(batch)
             self.critic_opt.step(torch.autograd.grad(critic_loss, self.critic_params))
+        if self.cfg.shared_encoder:  # the actor learns on the features, not the encoder
+            batch = batch._replace(obs=batch.obs.detach())
         self.updates += 1
         if self.updates % self.cfg.policy_delay == 0:
             if self._mlp is not None:
@@ -483,6 +537,8 @@ class DDPGAgent:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.cfg.shared_encoder:
+            _check_one_encoder(state["actor"], state["critic"])
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
         if self.actor_target is not None and self.critic_target is not None:

@@ -117,6 +117,10 @@ class TrainConfig:
     pixel_features: int = 0
     """Pixels only: project the flattened convolutions to N features with LayerNorm and tanh
     (DrQ-v2: 50); 0 feeds all of them to the dense layers (paper)."""
+    shared_encoder: bool = False
+    """Pixels only: one encoder for actor and critic, trained by the critic's loss alone; the
+    actor learns on its features detached (DrQ-v2). False gives each its own encoder, trained
+    by its own loss (the paper)."""
     augment_pad: int = 0
     """Pixels only: random shift augmentation (DrQ): pad by N pixels and crop back at a random
     offset, per sample, for obs and next_obs; 0 turns it off."""
@@ -246,6 +250,7 @@ class TrainConfig:
             ("augment_pad", 0 <= self.augment_pad < self.pixel_size // 2, "must be in [0, size/2)"),
             ("augment_pad", self.pixels or self.augment_pad == 0, "needs --pixels"),
             ("pixel_features", self.pixel_features >= 0, "must be >= 0"),
+            ("shared_encoder", self.pixels or not self.shared_encoder, "needs --pixels"),
             ("n_step", 1 <= self.n_step <= 100, "must be in 1..100"),
             ("num_atoms", 2 <= self.num_atoms <= 1001, "must be in 2..1001"),
             ("v_max", self.v_max > self.v_min, f"must be above v_min = {self.v_min:g}"),
@@ -392,6 +397,7 @@ PIXEL_PRESETS: dict[str, dict[str, Any]] = {
         "noise_sigma_final": 0.05,
         "noise_decay_steps": 10_000,
         "pixel_features": 50,
+        "shared_encoder": True,
         "augment_pad": 4,
         "n_step": 3,
         "update_every": 2,

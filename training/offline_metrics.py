@@ -175,7 +175,7 @@ def critic_loss(agent: DDPGAgent, batch: Batch, seed: int) -> float:
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
         with _eval_mode(agent.critic):
-            loss, _ = agent._critic_loss(agent.normalize(batch))
+            loss, _ = agent._critic_loss(agent.encode(agent.normalize(batch)))
     return float(loss)
 
 

@@ -81,6 +81,7 @@ FIXED_BY_INIT = (
     "camera",
     "conv_strides",
     "pixel_features",
+    "shared_encoder",
 )
 
 
