@@ -265,7 +265,9 @@ def _check_one_encoder(actor: dict[str, torch.Tensor], critic: dict[str, torch.T
     with an encoder each (before ``shared_encoder`` existed, or with it off) does not, and
     loading it would silently put the critic's encoder under the actor."""
     for key, value in actor.items():
-        if key.startswith("encoder.") and not torch.equal(value, critic.get(key, value + 1)):
+        if key.startswith("encoder.") and (
+            key not in critic or not torch.equal(value, critic[key])
+        ):
             raise RuntimeError(
                 "the checkpoint's actor has an encoder of its own, but the config shares the "
                 "critic's (shared_encoder: true); set shared_encoder: false in its config.yaml"
