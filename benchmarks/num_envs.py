@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,10 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import cpu_model
+from benchmarks._timed_trainer import trainer_rates
 from sim_bridge.envs import make_env
-from training.config import make_config
-from training.replay import Batch
-from training.trainer import Trainer
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "num_envs.json"
 
@@ -62,60 +59,6 @@ def floor_rate(env_id: str, steps: int, seed: int) -> float:
     rate = steps / (time.perf_counter() - t0)
     env.close()
     return rate
-
-
-def trainer_rate(
-    env_id: str, preset: str, n_envs: int, asynchronous: bool, warmup: int, steps: int, seed: int
-) -> tuple[float, float]:
-    """Environment steps per wall-second and per CPU-second of this process over the ``steps``
-    that follow ``warmup`` random ones (``warmup`` 0 and no updates: the rollout alone). The
-    clock starts at the first update (or at the first step of a rollout) and stops where the
-    loop ends, at its final checkpoint. CPU time is what other processes' load disturbs least;
-    it leaves out async workers' own."""
-    with tempfile.TemporaryDirectory(prefix="num_envs_") as tmp:
-        cfg = make_config(
-            preset,
-            env=env_id,
-            seed=seed,
-            out=tmp,
-            device="cpu",
-            steps=warmup + steps,
-            learning_starts=warmup if warmup else steps + 1,  # a rollout: no update at all
-            eval_every=0,
-            eval_episodes=0,
-            checkpoint_every=0,
-            log_every=warmup + steps,
-            export=False,
-            num_envs=n_envs,
-            async_envs=asynchronous,
-        )
-        trainer = Trainer(cfg, progress=False)
-        marks: dict[str, float] = {}
-        update, save = trainer.agent.update, trainer.save_checkpoint
-
-        def timed_update(batch: Batch) -> dict[str, torch.Tensor]:
-            if "start" not in marks:
-                marks["start"], marks["step"] = time.perf_counter(), trainer.step
-                marks["cpu_start"] = time.process_time()
-            return update(batch)
-
-        def timed_save() -> Path:
-            marks.setdefault("end", time.perf_counter())
-            marks.setdefault("cpu_end", time.process_time())
-            return save()
-
-        trainer.agent.update = timed_update  # type: ignore[method-assign]
-        trainer.save_checkpoint = timed_save  # type: ignore[method-assign]
-        try:
-            if not warmup:  # a rollout: from the loop's first step
-                marks["step"] = 0
-                marks["start"], marks["cpu_start"] = time.perf_counter(), time.process_time()
-            trainer.run()
-        finally:
-            trainer.close()
-    timed = cfg.steps - marks["step"]
-    wall, cpu = marks["end"] - marks["start"], marks["cpu_end"] - marks["cpu_start"]
-    return timed / wall, timed / cpu
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -144,14 +87,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for _ in range(args.repeats):
         floors.append(floor_rate(args.env, args.rollout_steps, args.seed))
         for n, asynchronous in configs:
-            common = (args.env, args.preset, n, asynchronous)
             for phase, warmup, steps in (
                 ("rollout", 0, args.rollout_steps),
                 ("train", args.warmup, args.steps),
             ):
-                wall, cpu = trainer_rate(*common, warmup, steps, args.seed)
-                runs[(n, asynchronous)][phase].append(wall)
-                runs[(n, asynchronous)][f"{phase}_cpu"].append(cpu)
+                rates = trainer_rates(
+                    args.preset, args.env, args.seed, warmup, steps,
+                    num_envs=n, async_envs=asynchronous,
+                )  # fmt: skip
+                runs[(n, asynchronous)][phase].append(rates["steps_per_s"])
+                runs[(n, asynchronous)][f"{phase}_cpu"].append(rates["steps_per_cpu_s"])
 
     floor = statistics.median(floors)
     base = {k: statistics.median(v) for k, v in runs[(ns[0], False)].items()}

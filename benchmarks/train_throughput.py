@@ -24,8 +24,6 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -37,37 +35,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import cpu_model
+from benchmarks._timed_trainer import Clock, trainer_rates
 from training.config import make_config
-from training.replay import Batch
-from training.trainer import Trainer
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_throughput.json"
 SB3_ALGO = {"paper": "DDPG", "td3": "TD3"}
 KEYS = ("steps_per_s", "steps_per_cpu_s")
 TORCH_DEFAULT_THREADS = torch.get_num_threads()
 """torch's own count, read before anything sets it: what SB3 runs with by default."""
-
-
-class Clock:
-    """Wall and CPU time of the timed phase; steps per CPU-second is what a shared machine's
-    load disturbs least, steps per wall-second is what the user waits for."""
-
-    def __init__(self) -> None:
-        self.wall = self.cpu = 0.0
-        self.running = False
-
-    def start(self) -> None:
-        if not self.running and not self.wall:
-            self.wall, self.cpu, self.running = time.perf_counter(), time.process_time(), True
-
-    def stop(self) -> None:
-        if self.running:
-            self.wall = time.perf_counter() - self.wall
-            self.cpu = time.process_time() - self.cpu
-            self.running = False
-
-    def rates(self, steps: int) -> dict[str, float]:
-        return {"steps_per_s": steps / self.wall, "steps_per_cpu_s": steps / self.cpu}
 
 
 def ours(
@@ -83,44 +58,12 @@ def ours(
     ``threads`` None: our default (auto, training/threads.py); ``fast_update=False``: with
     autograd's backward passes instead of the hand-written ones.
 
-    The clock starts at the first update and stops at the final checkpoint, the first thing
-    ``Trainer.run`` does after its loop when evaluation and periodic checkpoints are off.
+    Timed as ``benchmarks._timed_trainer.trainer_rates`` times it: from the first update to
+    the end of the loop.
     """
-    with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
-        cfg = make_config(
-            preset,
-            env=env,
-            seed=seed,
-            out=tmp,
-            device="cpu",
-            steps=warmup + steps,
-            learning_starts=warmup,
-            eval_every=0,
-            eval_episodes=0,
-            checkpoint_every=0,
-            log_every=warmup + steps,
-            fast_update=fast_update,
-            threads=threads or 0,
-        )
-        trainer = Trainer(cfg, progress=False)
-        clock = Clock()
-        update, save = trainer.agent.update, trainer.save_checkpoint
-
-        def timed_update(batch: Batch) -> dict[str, torch.Tensor]:
-            clock.start()
-            return update(batch)
-
-        def timed_save() -> Path:
-            clock.stop()
-            return save()
-
-        trainer.agent.update = timed_update  # type: ignore[method-assign]
-        trainer.save_checkpoint = timed_save  # type: ignore[method-assign]
-        try:
-            trainer.run()
-        finally:
-            trainer.close()
-    return clock.rates(steps)
+    return trainer_rates(
+        preset, env, seed, warmup, steps, fast_update=fast_update, threads=threads or 0
+    )
 
 
 def sb3(
