@@ -45,8 +45,8 @@ def test_pixel_run_updates_and_exports_a_checked_uint8_actor(drq_run: tuple[Path
     out, summary = drq_run
     # update_every 2 at steps 40, 42, ..., 60: updating happened past learning_starts
     assert summary["updates"] == 11
-    assert summary["pixels"] == {"size": 64, "stack": 3, "repeat": 3, "camera": None}
-    assert summary["steps"] == 60 and 60 < summary["env_steps"] <= 180  # 3 physics steps each
+    assert summary["pixels"] == {"size": 64, "stack": 3, "repeat": 2, "camera": None}
+    assert summary["steps"] == 60 and 60 < summary["env_steps"] <= 120  # 2 physics steps each
     assert summary["replay_bytes"] < 2 * 3 * 64 * 64 * 60  # under two frames per transition
     saved = json.loads((out / "eval.json").read_text())
     assert saved["model"] == str(out / "actor.onnx")
@@ -168,6 +168,7 @@ def test_paper_pixel_preset_is_the_papers() -> None:
     drq = make_config(None, pixels=True)  # the pixel default
     assert drq.preset == "drq" and drq.augment_pad == 4 and drq.n_step == 3
     assert drq.noise_decay_steps > 0 and drq.twin_q and drq.shared_encoder
+    assert drq.action_repeat == 2  # DrQ-v2's
     assert not cfg.shared_encoder  # the paper trains actor and critic as separate networks
     assert make_config(None).preset == "td3"  # the state default is unchanged
 
