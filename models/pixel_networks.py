@@ -14,8 +14,10 @@ dense layer and a 19 MB actor), which is what makes learning from pixels afforda
 The actor and the critic each have their own encoder (the paper trains them as separate
 networks), or, as in DrQ-v2, the actor's ``encoder`` is the critic's: one encoder, trained by
 the critic's loss alone, whose features the actor reads (``training.agent``'s
-``shared_encoder``). The actor holds it either way, so its exported graph takes frames. The critic's action joins after the first dense layer, i.e. at the second dense
-layer, as in the paper ("actions were not included until the 2nd hidden layer of Q"). Its dense
+``shared_encoder``). The actor holds it either way, so its exported graph takes frames.
+
+The critic's action joins after the first dense layer, i.e. at the second dense layer, as in
+the paper ("actions were not included until the 2nd hidden layer of Q"). Its dense
 part is the state :class:`~models.networks.Critic` on the encoder's features, so it has the same
 API: ``critic(obs, act) -> [n_q, B]`` and ``critic.q1(obs, act) -> [B]``, with one encoder shared
 by the ``n_q`` heads (as DrQ-v2 shares it between its twin Qs).
