@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from benchmarks._machine import cpu_model
+from benchmarks.learning import run_one
 from models.spec import PixelSpec
 from models.pixel_networks import random_shift
 from training.frame_replay import FrameReplay, format_bytes
@@ -461,8 +462,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     updates = bench_updates(args.update_iters, args.capacity, device, args.seed)
     learning: dict[str, Any] = {"measured": False, "note": LEARNING_NOTE}
     if args.learn_steps:
-        from benchmarks.learning import run_one
-
         runs = []
         for seed in args.learn_seeds:
             print(f"learning run: seed {seed}, {args.learn_steps} agent steps", flush=True)
