@@ -3,6 +3,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from weights import params
 
 from control_node.config import ConfigError
 from training.agent import DDPGAgent
@@ -31,19 +32,15 @@ def _agent(preset: str, **kw: object) -> tuple[DDPGAgent, ReplayBuffer]:
     return agent, buf
 
 
-def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
-
-
 @pytest.mark.parametrize("preset", ["paper", "td3"])
 def test_soft_update_follows_online_by_tau(preset: str) -> None:
     agent, buf = _agent(preset)
     tau = agent.cfg.tau
     for step in range(1, 5):
-        before = {"a": _params(agent.actor_target), "c": _params(agent.critic_target)}
+        before = {"a": params(agent.actor_target), "c": params(agent.critic_target)}
         agent.update(buf.sample(8))
-        after = {"a": _params(agent.actor_target), "c": _params(agent.critic_target)}
-        online = {"a": _params(agent.actor), "c": _params(agent.critic)}
+        after = {"a": params(agent.actor_target), "c": params(agent.critic_target)}
+        online = {"a": params(agent.actor), "c": params(agent.critic)}
         moved = step % agent.cfg.policy_delay == 0
         for net in ("a", "c"):
             for k in before[net]:
@@ -58,14 +55,14 @@ def test_soft_update_follows_online_by_tau(preset: str) -> None:
 
 def test_td3_actor_updates_only_every_policy_delay() -> None:
     agent, buf = _agent("td3", policy_delay=3)
-    actor0 = _params(agent.actor)
-    critic0 = _params(agent.critic)
+    actor0 = params(agent.actor)
+    critic0 = params(agent.critic)
     agent.update(buf.sample(8))
     agent.update(buf.sample(8))
-    assert all(torch.equal(actor0[k], v) for k, v in _params(agent.actor).items())
-    assert any(not torch.equal(critic0[k], v) for k, v in _params(agent.critic).items())
+    assert all(torch.equal(actor0[k], v) for k, v in params(agent.actor).items())
+    assert any(not torch.equal(critic0[k], v) for k, v in params(agent.critic).items())
     agent.update(buf.sample(8))
-    assert any(not torch.equal(actor0[k], v) for k, v in _params(agent.actor).items())
+    assert any(not torch.equal(actor0[k], v) for k, v in params(agent.actor).items())
 
 
 def test_update_returns_finite_scalar_tensors() -> None:
@@ -182,7 +179,7 @@ def test_obs_norm_updates_on_standardised_batches(preset: str, fast_update: bool
         torch.manual_seed(5)
         plain.update(normed.normalizer.batch(raw))
     for net in ("actor", "critic", "actor_target", "critic_target"):
-        a, b = _params(getattr(normed, net)), _params(getattr(plain, net))
+        a, b = params(getattr(normed, net)), params(getattr(plain, net))
         assert all(torch.equal(a[k], b[k]) for k in a), net
     obs = rng.normal(size=(3, OBS)).astype(np.float32) * 5
     assert np.array_equal(normed.act(obs), plain.act(normed.normalizer.numpy(obs)))
@@ -202,11 +199,11 @@ def test_each_modern_switch_updates_on_the_td3_preset(switches: dict[str, object
     """A switch of the modern preset works alone on td3: the update runs, its loss is finite,
     the critic moves every step and the actor every policy_delay steps."""
     agent, buf = _agent("td3", **switches)
-    actor0, critic0 = _params(agent.actor), _params(agent.critic)
+    actor0, critic0 = params(agent.actor), params(agent.critic)
     metrics = agent.update(buf.sample(8))
     assert torch.isfinite(metrics["critic_loss"])
-    assert any(not torch.equal(critic0[k], v) for k, v in _params(agent.critic).items())
-    assert all(torch.equal(actor0[k], v) for k, v in _params(agent.actor).items())
+    assert any(not torch.equal(critic0[k], v) for k, v in params(agent.critic).items())
+    assert all(torch.equal(actor0[k], v) for k, v in params(agent.actor).items())
     agent.update(buf.sample(8))
-    assert any(not torch.equal(actor0[k], v) for k, v in _params(agent.actor).items())
+    assert any(not torch.equal(actor0[k], v) for k, v in params(agent.actor).items())
     assert (agent.critic_target is None) == bool(switches.get("crossq"))

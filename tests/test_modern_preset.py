@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from weights import changed, params
 
 from control_node.config import ConfigError
 from models.networks import Actor, BlockCritic, ResidualBlock
@@ -43,14 +44,6 @@ def _agent(**kw: Any) -> tuple[DDPGAgent, ReplayBuffer]:
         obs = rng.normal(size=OBS)
         buf.add(obs, rng.uniform(LOW, HIGH), rng.normal(), obs + 0.1, rng.random() < 0.1, False)
     return agent, buf
-
-
-def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
-
-
-def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return any(not torch.equal(a[k], b[k]) for k in a)
 
 
 # -- the preset and its switches ---------------------------------------------------------------
@@ -135,7 +128,7 @@ def test_crossq_has_no_target_networks() -> None:
     agent.update(buf.sample(8))
     restored, _ = _agent()
     restored.load_state_dict(agent.state_dict())  # a checkpoint without targets loads back
-    assert not _changed(_params(agent.critic), _params(restored.critic))
+    assert not changed(params(agent.critic), params(restored.critic))
 
 
 def test_crossq_target_comes_from_the_online_critic_in_one_joint_pass() -> None:
@@ -248,24 +241,24 @@ def test_distributional_loss_uses_the_smaller_members_distribution() -> None:
 def test_reset_draws_fresh_networks_and_optimisers() -> None:
     agent, buf = _agent(reset_every=2, policy_delay=1, crossq=False)
     agent.update(buf.sample(8))
-    before = {"a": _params(agent.actor), "c": _params(agent.critic)}
+    before = {"a": params(agent.actor), "c": params(agent.critic)}
     assert int(agent.critic_opt.opt.state[agent.critic_opt.param]["step"]) == 1
     agent.update(buf.sample(8))  # the second update ends with a reset
-    after = {"a": _params(agent.actor), "c": _params(agent.critic)}
-    assert _changed(before["a"], after["a"]) and _changed(before["c"], after["c"])
+    after = {"a": params(agent.actor), "c": params(agent.critic)}
+    assert changed(before["a"], after["a"]) and changed(before["c"], after["c"])
     for opt in (agent.actor_opt, agent.critic_opt):
         state = opt.opt.state[opt.param]
         assert int(state["step"]) == 0 and not state["exp_avg"].any()
     assert agent.actor_target is not None and agent.critic_target is not None
-    assert not _changed(_params(agent.actor_target), after["a"])  # targets start as the online
-    assert not _changed(_params(agent.critic_target), after["c"])
+    assert not changed(params(agent.actor_target), after["a"])  # targets start as the online
+    assert not changed(params(agent.critic_target), after["c"])
     # a reset is the initialisation itself: the same draws as building the networks anew
     torch.manual_seed(7)
     agent.reset_networks()
     torch.manual_seed(7)
     actor, critic = build_networks(agent.cfg, OBS, LOW, HIGH)
-    assert not _changed(_params(actor), _params(agent.actor))
-    assert not _changed(_params(critic), _params(agent.critic))
+    assert not changed(params(actor), params(agent.actor))
+    assert not changed(params(critic), params(agent.critic))
     metrics = agent.update(buf.sample(8))  # and it learns on from there
     assert torch.isfinite(metrics["critic_loss"])
 
@@ -305,14 +298,14 @@ def test_resets_in_a_run_keep_the_replay(tmp_path: Path) -> None:
 def test_smoke_run_updates_and_exports_a_raw_observation_actor(tmp_path: Path) -> None:
     cfg = _tiny(tmp_path, "s", export=True)
     trainer = Trainer(cfg, progress=False)
-    initial = _params(trainer.agent.actor), _params(trainer.agent.critic)
+    initial = params(trainer.agent.actor), params(trainer.agent.critic)
     try:
         summary = trainer.run()
     finally:
         trainer.close()
     assert summary["updates"] == 301
-    assert _changed(initial[0], _params(trainer.agent.actor))
-    assert _changed(initial[1], _params(trainer.agent.critic))
+    assert changed(initial[0], params(trainer.agent.actor))
+    assert changed(initial[1], params(trainer.agent.critic))
     rows = read_csv(tmp_path / "s" / "train.csv")
     assert all(np.isfinite(r["critic_loss"]) for r in rows if r["step"] > 100)
     ckpt = torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=True)

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from weights import changed, params
 
 from control_node.config import ConfigError
 from models.policy import OnnxPolicy, pixel_spec_dict
@@ -103,10 +104,6 @@ def _pixel_agent(seed: int = 0, **overrides: object) -> tuple[DDPGAgent, Batch]:
     return agent, batch
 
 
-def _copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
 def test_drq_shares_one_encoder_that_only_the_critic_trains() -> None:
     """DrQ-v2: the actor reads the critic's encoder, and its own loss never moves it."""
     agent, batch = _pixel_agent()
@@ -120,12 +117,10 @@ def test_drq_shares_one_encoder_that_only_the_critic_trains() -> None:
     encoders, trunks = [], []
     for delay in (1, 2):
         agent, batch = _pixel_agent(policy_delay=delay)
-        trunk = _copy(agent.actor.trunk)
+        trunk = params(agent.actor.trunk)
         agent.update(batch)
-        encoders.append(_copy(agent.critic.encoder))
-        trunks.append(
-            any(not torch.equal(v, agent.actor.trunk.state_dict()[k]) for k, v in trunk.items())
-        )
+        encoders.append(params(agent.critic.encoder))
+        trunks.append(changed(trunk, params(agent.actor.trunk)))
     assert trunks == [True, False]
     for key, value in encoders[0].items():
         assert torch.equal(value, encoders[1][key]), key
@@ -133,7 +128,7 @@ def test_drq_shares_one_encoder_that_only_the_critic_trains() -> None:
 
 def test_a_shared_encoder_moves_its_target_by_tau_once() -> None:
     agent, batch = _pixel_agent()
-    before = _copy(agent.critic_target.encoder)
+    before = params(agent.critic_target.encoder)
     agent.update(batch)  # policy_delay 1: a soft update follows the critic's step
     tau = agent.cfg.tau
     online, target = agent.critic.encoder.state_dict(), agent.critic_target.encoder.state_dict()
