@@ -25,6 +25,7 @@ PIXEL_FLAGS = {
     "stack": "--frame-stack",
     "repeat": "--action-repeat",
     "camera": "--camera",
+    "view": "--view",
 }
 
 

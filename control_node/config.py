@@ -315,7 +315,7 @@ class BridgeConfig:
     """Truncate episodes at this length (0: the environment's own time limit). With pixels it
     counts physics steps, as the environment's own limit and the trainer do."""
     pixels: PixelSpec | None = None
-    """Observe rendered frames (a mapping: size, stack, repeat, camera) instead of the state;
+    """Observe rendered frames (a mapping: size, stack, repeat, camera, view) instead of the state;
     null: state observations."""
     restart: str = "on-failure"
     """Launch only: restart policy when the bridge process dies: never, on-failure, always."""

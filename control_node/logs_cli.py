@@ -63,9 +63,10 @@ def _pixel_lines(s: dict[str, Any]) -> list[str]:
     if p is None:
         return []
     camera = "default" if p.get("camera") is None else p["camera"]
+    view = "" if p.get("view") is None else f", view {p['view']}"
     return [
         f"{'pixels':<12} {p['size']}x{p['size']}, stack {p['stack']}, repeat {p['repeat']}, "
-        f"camera {camera}",
+        f"camera {camera}{view}",
         f"{'frames':<12} {s['frames_stored']:,} stored ({_size(s['frame_bytes'])} each), "
         f"{s['frames_per_transition']:.3f} per transition, {s['segment_starts']:,} segment "
         f"starts (obs + next_obs per row: {2 * p['stack']})",

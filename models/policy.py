@@ -108,7 +108,7 @@ class ActorMetadata:
     format_version: int = METADATA_FORMAT
     pixels: str = ""
     """Pixel models only: the ``models.spec.PixelSpec`` as JSON (size, stack, repeat,
-    camera). Optional: "" for state models, which write no such field, so their files are
+    camera, view). Optional: "" for state models, which write no such field, so their files are
     unchanged and files from before pixel models still load."""
 
     @property
@@ -363,7 +363,7 @@ def _check_io(session: ort.InferenceSession, meta: ActorMetadata, source: str) -
 
 def check_expected(meta: ActorMetadata, expect: RobotSpec, source: str) -> None:
     """Refuse a model exported for another robot: environment id, observation dtype, pixel
-    spec (two pixel specs of one shape, another action repeat or camera, are different
+    spec (two pixel specs of one shape, another action repeat, camera or view, are different
     robots), observation shape and action bounds must all be the model's."""
     if meta.env_id != expect.env_id:
         raise PolicyError(

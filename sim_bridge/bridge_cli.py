@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             PIXEL_FLAGS[f.name],
             dest=f"pixel_{f.name}",
-            type=_camera if f.name == "camera" else int,
+            type={"camera": _camera, "view": str}.get(f.name, int),
             default=None,
             metavar=f.name.upper(),
             help=f"{pixel_docs[f.name]} Implies --pixels. (default: {f.default})",
@@ -80,11 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-def run(args: argparse.Namespace) -> int:
-    from sim_bridge.bridge import Bridge
-    from sim_bridge.client import ClientError
-    from sim_bridge.envs import EnvError
-
+def bridge_config(args: argparse.Namespace) -> BridgeConfig:
+    """The bridge's config from its flags (the launcher writes them with ``control_node.argv``);
+    ConfigError names a bad value."""
     values: dict[str, Any] = {
         f.name: getattr(args, f.name)
         for f in fields(BridgeConfig)
@@ -98,8 +96,16 @@ def run(args: argparse.Namespace) -> int:
     if args.pixels or pixels:
         values["pixels"] = pixels
     values[REALTIME] = {**asdict(BridgeConfig().realtime), **realtime_values(args)}
+    return from_mapping(BridgeConfig, values, "bridge")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sim_bridge.bridge import Bridge
+    from sim_bridge.client import ClientError
+    from sim_bridge.envs import EnvError
+
     try:
-        bridge = Bridge(from_mapping(BridgeConfig, values, "bridge"))
+        bridge = Bridge(bridge_config(args))
     except (ConfigError, EnvError) as e:
         print(f"ddpg bridge: error: {e}", file=sys.stderr)
         return 1

@@ -55,19 +55,23 @@ def make_pixel_env(
     """Build ``env_id`` rendering off-screen at exactly ``size x size`` and wrap it.
 
     MuJoCo renders at the requested width/height natively (no resize); ``make_kwargs`` go to
-    ``gym.make`` (e.g. ``max_episode_steps``). Errors are ``EnvError`` naming the env.
+    ``gym.make`` (e.g. ``max_episode_steps``). A spec's ``view`` becomes the free camera's
+    ``default_camera_config`` (Gymnasium's v5 MuJoCo environments take it). Errors are
+    ``EnvError`` naming the env.
     """
     spec = spec or PixelSpec()
     _default_gl_backend()
-    owned = {"render_mode", "width", "height", "camera_id", "camera_name"}
+    owned = {"render_mode", "width", "height", "camera_id", "camera_name", "default_camera_config"}
     clash = sorted(owned & set(make_kwargs))
     if clash:
         raise EnvError(f"make_pixel_env sets {clash} from the pixel spec; do not pass them")
+    view = spec.free_view
     kwargs = {
         "render_mode": "rgb_array",
         "width": spec.size,
         "height": spec.size,
         **camera_kwargs(spec.camera),
+        **({} if view is None else {"default_camera_config": view.camera_config()}),
         **make_kwargs,
     }
     return PixelObservation(make_env(env_id, **kwargs), spec)
@@ -209,7 +213,8 @@ def _fix_free_camera(env: gym.Env) -> bool:
     Gymnasium points the free camera at the median of the bodies' positions in the state the
     first render happens to see, so two environments whose first episodes differ (training,
     evaluation and the bridge use other seeds) would film from slightly different places: a
-    policy must see the same pixels for the same state. Returns whether it re-aimed.
+    policy must see the same pixels for the same state. A camera config that names its own
+    ``lookat`` (a spec's view) is left as it is. Returns whether it re-aimed.
     """
     import mujoco
 
@@ -218,6 +223,8 @@ def _fix_free_camera(env: gym.Env) -> bool:
     viewer = getattr(renderer, "viewer", None)
     cam = getattr(viewer, "cam", None)
     if cam is None or cam.type != mujoco.mjtCamera.mjCAMERA_FREE:
+        return False
+    if "lookat" in (getattr(renderer, "default_cam_config", None) or {}):
         return False
     model = unwrapped.model
     data = mujoco.MjData(model)  # qpos0: the same pose whatever the episode

@@ -152,6 +152,7 @@ def test_retrain_continues_a_pixel_run_after_its_own_replay(
         pixel_size=SPEC.size,
         frame_stack=SPEC.stack,
         action_repeat=SPEC.repeat,
+        view="env",  # as the logs' bridge rendered
         steps=30,
         learning_starts=20,
         batch_size=8,

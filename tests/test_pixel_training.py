@@ -12,12 +12,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 from weights import changed, params
 
 from control_node.config import ConfigError
 from models.policy import OnnxPolicy, pixel_spec_dict
+from models.spec import SUGGESTED_VIEWS
 from training.agent import DDPGAgent
-from training.config import make_config
+from training.config import load_config, make_config, save_config
 from training.replay import Batch
 from training.trainer import train
 
@@ -46,7 +48,8 @@ def test_pixel_run_updates_and_exports_a_checked_uint8_actor(drq_run: tuple[Path
     out, summary = drq_run
     # update_every 2 at steps 40, 42, ..., 60: updating happened past learning_starts
     assert summary["updates"] == 11
-    assert summary["pixels"] == {"size": 64, "stack": 3, "repeat": 2, "camera": None}
+    view = str(SUGGESTED_VIEWS["InvertedPendulum-v5"])  # a new run's 'auto' view, resolved
+    assert summary["pixels"] == {"size": 64, "stack": 3, "repeat": 2, "camera": None, "view": view}
     assert summary["steps"] == 60 and 60 < summary["env_steps"] <= 120  # 2 physics steps each
     assert summary["replay_bytes"] < 2 * 3 * 64 * 64 * 60  # under two frames per transition
     saved = json.loads((out / "eval.json").read_text())
@@ -152,6 +155,30 @@ def test_a_checkpoint_with_two_encoders_is_refused_by_a_shared_one(tmp_path: Pat
     again, _ = _pixel_agent(seed=1)
     again.load_state_dict(shared.state_dict())  # its own kind loads
     assert torch.equal(again.actor.encoder.convs[0].weight, shared.critic.encoder.convs[0].weight)
+
+
+def test_a_new_pixel_run_saves_the_view_it_resolved(tmp_path: Path) -> None:
+    """'auto' is resolved once, when the run is made, and saved: resuming renders the same
+    frames whatever the table of suggested views says by then."""
+    side = str(SUGGESTED_VIEWS["InvertedPendulum-v5"])
+    pend = {"env": "InvertedPendulum-v5", "pixels": True}
+    cfg = make_config("drq", **pend)
+    assert cfg.view == side and cfg.pixel_spec().view == side
+    assert make_config("drq", **pend, view="env").pixel_spec().view is None
+    assert make_config("drq", **pend, camera="-1").view == "env"  # a camera chosen: no view
+    assert make_config("drq", env="HalfCheetah-v5", pixels=True).view == "env"  # none known
+    chosen = make_config("drq", **pend, view="elevation=-10 distance=3 azimuth=90 lookat=0,0,0")
+    assert chosen.view == "distance=3 azimuth=90 elevation=-10 lookat=0,0,0"
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    assert load_config(path).view == side
+    old = {k: v for k, v in cfg.to_dict().items() if k != "view"}  # saved before views
+    path.write_text(yaml.safe_dump(old))
+    assert load_config(path).view == "env" and load_config(path).pixel_spec().view is None
+    with pytest.raises(ConfigError, match=r"view .* lacks lookat"):
+        make_config("drq", **pend, view="distance=3 azimuth=90 elevation=0")
+    with pytest.raises(ConfigError, match=r"view = .* needs --pixels"):
+        make_config("td3", env="InvertedPendulum-v5", view="env")
 
 
 def test_paper_pixel_preset_is_the_papers() -> None:

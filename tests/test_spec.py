@@ -3,14 +3,18 @@ checks share, importable without the simulator or torch."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from control_node.argv import pixel_flags
 from control_node.config import BridgeConfig, ConfigError, from_mapping
 from models.policy import OnnxPolicy, PolicyError, check_expected
-from models.spec import PixelSpec, RobotSpec
+from models.spec import SUGGESTED_VIEWS, PixelSpec, RobotSpec
+from sim_bridge.bridge_cli import add_arguments as bridge_arguments
+from sim_bridge.bridge_cli import bridge_config
 from sim_bridge.envs import env_spec, make_env
 from sim_bridge.pixels import make_pixel_env
 
@@ -57,7 +61,20 @@ def test_the_launch_files_pixel_section_is_the_pixel_spec() -> None:
         ({"stack": 0}, "bridge.pixels.stack must be in 1..16, got 0"),
         ({"camera": -2}, "bridge.pixels.camera id must be >= -1"),
         ({"size": "64"}, "bridge.pixels.size = '64': expected int"),
+        ({"view": "distance=2"}, "bridge.pixels.view 'distance=2' lacks azimuth"),
     ):
         with pytest.raises(ConfigError) as e:
             from_mapping(BridgeConfig, {"pixels": bad}, "bridge")
         assert words in str(e.value), e.value
+
+
+def test_a_launch_files_view_reaches_the_bridge_through_its_flags() -> None:
+    """The launcher starts each bridge with flags written from its pixel spec; the bridge
+    reads them back into the same spec, view included (a view holds spaces: one argument)."""
+    side = str(SUGGESTED_VIEWS["InvertedPendulum-v5"])
+    launch = from_mapping(BridgeConfig, {"pixels": {"repeat": 2, "view": side}}, "bridge")
+    flags = pixel_flags(launch.pixels)
+    assert flags[flags.index("--view") + 1] == side
+    parser = argparse.ArgumentParser()
+    bridge_arguments(parser)
+    assert bridge_config(parser.parse_args(flags)).pixels == launch.pixels

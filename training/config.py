@@ -18,7 +18,10 @@ import yaml
 
 from control_node.config import ConfigError, brief, read_yaml
 from control_node.config import field_docs as class_field_docs
-from models.spec import PixelSpec
+from models.spec import SUGGESTED_VIEWS, PixelSpec
+
+AUTO_VIEW, ENV_VIEW = "auto", "env"
+"""``view`` values that are not a pose: the suggested view for the environment, or its own."""
 
 
 @dataclass
@@ -111,6 +114,11 @@ class TrainConfig:
     """Pixels only: physics steps per agent step, the action held."""
     camera: str = ""
     """Pixels only: MuJoCo camera name or id; empty keeps the environment's default view."""
+    view: str = AUTO_VIEW
+    """Pixels only: the free camera's pose, 'distance=D azimuth=A elevation=E lookat=X,Y,Z';
+    'env' keeps the environment's default view; 'auto' (with no camera) takes the view
+    models.spec.SUGGESTED_VIEWS gives the environment, else 'env'. A new run saves what it
+    resolved to, so resuming it renders the same frames."""
     conv_strides: tuple[int, ...] = (2, 2, 2)
     """Pixels only: strides of the 3 convolutions (the paper gives none; DrQ-v2 uses 2,1,1,
     about 4x the compute and a 19 MB actor at 64x64)."""
@@ -251,6 +259,7 @@ class TrainConfig:
             ("augment_pad", self.pixels or self.augment_pad == 0, "needs --pixels"),
             ("pixel_features", self.pixel_features >= 0, "must be >= 0"),
             ("shared_encoder", self.pixels or not self.shared_encoder, "needs --pixels"),
+            ("view", self.pixels or self.view == AUTO_VIEW, "needs --pixels"),
             ("n_step", 1 <= self.n_step <= 100, "must be in 1..100"),
             ("num_atoms", 2 <= self.num_atoms <= 1001, "must be in 2..1001"),
             ("v_max", self.v_max > self.v_min, f"must be above v_min = {self.v_min:g}"),
@@ -282,6 +291,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} = {brief(getattr(self, name))} {why}")
         if self.preset in PIXEL_ONLY_PRESETS and not self.pixels:
             raise ConfigError(f"preset {self.preset!r} learns from pixels; add --pixels")
+        self.pixel_spec()  # a bad camera or view is named here, before anything is written
         self._validate_blocks()
 
     def _validate_blocks(self) -> None:
@@ -322,8 +332,12 @@ class TrainConfig:
         camera: str | int | None = self.camera or None
         if isinstance(camera, str) and camera.lstrip("-").isdigit():
             camera = int(camera)
+        view = None if self.view == ENV_VIEW else self.view
+        if view == AUTO_VIEW:
+            suggested = None if camera is not None else SUGGESTED_VIEWS.get(self.env)
+            view = None if suggested is None else str(suggested)
         try:
-            return PixelSpec(self.pixel_size, self.frame_stack, self.action_repeat, camera)
+            return PixelSpec(self.pixel_size, self.frame_stack, self.action_repeat, camera, view)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -456,6 +470,9 @@ def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     cfg.validate()
+    if cfg.pixels:  # saved resolved and canonical: a later table of views cannot move it
+        spec = cfg.pixel_spec()
+        cfg.view = ENV_VIEW if spec is None or spec.view is None else spec.view
     return cfg
 
 
@@ -506,7 +523,9 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 
 def load_config(path: Path) -> TrainConfig:
     """Load a saved or hand-written config YAML (bounded as every config file is: see
-    ``read_yaml``); unknown keys, keys that are not names and bad values are refused."""
+    ``read_yaml``); unknown keys, keys that are not names and bad values are refused. A pixel
+    config without ``view`` renders the environment's own view, as every run saved before
+    views did (write ``view: auto`` for the suggested one)."""
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
@@ -514,6 +533,8 @@ def load_config(path: Path) -> TrainConfig:
         if not isinstance(key, str):
             raise ConfigError(f"{path}: key {brief(key)} is {type(key).__name__}, not a name")
     data = dict(data)
+    if data.get("pixels") and "view" not in data:
+        data["view"] = ENV_VIEW  # a config saved before views: its frames had the env's view
     preset = data.pop("preset", None)
     try:
         return make_config(preset, **data)

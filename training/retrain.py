@@ -42,7 +42,7 @@ from models.export import ExportError
 from models.spec import RobotSpec
 from training import rundir
 from training.agent import DDPGAgent
-from training.config import TrainConfig, load_config, make_config
+from training.config import ENV_VIEW, TrainConfig, load_config, make_config
 from training.evaluation import EvalResult, eval_metrics, evaluate
 from training.learner import Learner, Replay, make_learner, sample
 from training.logged_data import (
@@ -79,6 +79,7 @@ FIXED_BY_INIT = (
     "frame_stack",
     "action_repeat",
     "camera",
+    "view",
     "conv_strides",
     "pixel_features",
     "shared_encoder",
@@ -390,6 +391,7 @@ def _config(
                 frame_stack=pixels["stack"],
                 action_repeat=pixels["repeat"],
                 camera="" if camera is None else str(camera),
+                view=pixels.get("view") or ENV_VIEW,
             )
     else:
         path = init / rundir.CONFIG

@@ -64,7 +64,7 @@ class LogSpec:
     act_low: tuple[float, ...]
     act_high: tuple[float, ...]
     pixels: str = ""
-    """Pixel logs: the pixel spec as JSON (size, stack, repeat, camera; normalised to sorted
+    """Pixel logs: the pixel spec as JSON (size, stack, repeat, camera, view; normalised to sorted
     keys); "" for the state layout."""
 
     def __post_init__(self) -> None:
