@@ -190,7 +190,7 @@ def test_paper_pixel_preset_is_the_papers() -> None:
     drq = make_config(None, pixels=True)  # the pixel default
     assert drq.preset == "drq" and drq.augment_pad == 4 and drq.n_step == 3
     assert drq.noise_decay_steps > 0 and drq.twin_q and drq.shared_encoder
-    assert drq.action_repeat == 2  # DrQ-v2's
+    assert drq.action_repeat == 2 and drq.noise_sigma_final == 0.1  # DrQ-v2's
     assert not cfg.shared_encoder  # the paper trains actor and critic as separate networks
     assert make_config(None).preset == "td3"  # the state default is unchanged
 
