@@ -53,6 +53,13 @@ def answered_for(node: Node, seconds: float, at_least: int = 100) -> dict[str, A
     return node.status()
 
 
+def tick_floor_us(status: dict, work: str = "p50") -> float:
+    """What a locked tick adds to the margin on this machine, measured in the same run: how
+    late its ticks woke (median) plus their own work (the ``work`` quantile), from the node's
+    status. Where only some ticks answer, the answering ones do the inference: pass "p99"."""
+    return status["tick_lateness_us"]["p50"] + status["tick_work_us"][work]
+
+
 # -- the phase lock -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("node_hz", "bridge_args", "margin_us", "bridge_hz"),
@@ -85,11 +92,14 @@ def test_the_tick_runs_the_margin_after_a_realtime_bridges_observation_arrives(
     )
     # observation received -> its action sent: the margin (a lead at the node's rate creeps
     # inside it while its arrivals drift later: 0.72x once in six runs of a 2 s window), plus the
-    # tick's own work before the send; unlocked it would be half a node period on average (5 ms
-    # at 100 Hz, 2.5 ms at 200), locked on the arrival itself the work alone (about 0.1 ms)
-    assert 0.5 * margin_us <= latency["p50"] <= margin_us + 600, latency
+    # tick's lateness and own work before the send; unlocked it would be half a node period on
+    # average (5 ms at 100 Hz, 2.5 ms at 200), locked on the arrival itself the work alone.
+    # The work is this machine's, from the same run: 0.1 ms on one VM, 0.26-0.98 ms on another
+    # whose caches are cold after each idle tick (an actor call 18 us hot, 307 us after 10 ms)
+    floor = tick_floor_us(status)
+    assert 0.5 * margin_us <= latency["p50"] <= margin_us + floor + 600, (latency, floor)
     # observation made -> its action sent: the latency plus the bridge's send and the transit
-    assert latency["p50"] <= age["p50"] <= margin_us + 1200, age
+    assert latency["p50"] <= age["p50"] <= margin_us + floor + 1200, (age, floor)
     assert status["fresh_ratio"] >= 0.9 and status["on_time_ratio"] >= 0.9, status
 
 
@@ -210,7 +220,10 @@ def test_a_bridge_slower_than_the_watchdogs_is_neither_stale_nor_on_the_safe_act
     node.stop()
     assert status["stale_events"] == 0 and status["bridges"][0]["state"] == "live", status
     assert summary["safe_steps"] == 0 and summary["steps"] >= 20, summary
-    assert status["on_time_ratio"] == 1.0 and status["latency_us"]["p50"] <= 150 + 600
+    assert status["on_time_ratio"] == 1.0
+    # one tick in ten answers it (and runs the actor): its work is the ticks' top decile
+    floor = tick_floor_us(status, work="p99")
+    assert status["latency_us"]["p50"] <= 150 + floor + 600, (status["latency_us"], floor)
 
 
 def test_a_non_finite_observation_gets_exactly_the_custom_safe_action(tmp_path: Path) -> None:
