@@ -156,9 +156,9 @@ def instrument(node: Any, stages: Stages | None) -> dict[str, list[int]]:
 
     bridges, answered = node.sessions.bridges, [0]
 
-    def timed_tick(t_tick: int) -> int:
+    def timed_tick(t_tick: int, deadline: int) -> int:
         t, c = pc(), cpu()
-        correction = tick(t_tick)
+        correction = tick(t_tick, deadline)
         dt, dc = pc() - t, cpu() - c
         now_answered = sum(b.answered for b in bridges.values())
         if now_answered > answered[0]:  # this tick sent an action: count its work
@@ -306,7 +306,8 @@ def run_warm(ticks: int, staged: bool, tmp: Path, cpu: int) -> dict[str, Any]:
         answered = bridge.send_obs()
         node.sock.poll(100)
         node._drain()
-        node._tick(P.now_ns())
+        t_tick = P.now_ns()
+        node._tick(t_tick, t_tick)
         if answered:
             bridge.sock.poll(100)
             bridge.take_action()

@@ -208,7 +208,8 @@ class NodeConfig:
     """Exit 0 at the end although the log failed to write (a full disk, ...) or lost
     transitions; the failures are printed and counted either way (false: exit 1)."""
     phase_margin_us: float = 150.0
-    """How long after a realtime observation arrives the tick that answers it should run."""
+    """How long after a realtime observation arrives the deadline of the tick that answers it
+    falls (the tick wakes that late, plus the scheduler's lateness)."""
     spin_us: float = 0.0
     """Busy-wait this long before each deadline instead of sleeping (trades CPU for jitter)."""
     lockstep_spin_us: float = 500.0

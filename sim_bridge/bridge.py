@@ -29,6 +29,7 @@ simulating with the safe action meanwhile, as a robot would.
 from __future__ import annotations
 
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +38,7 @@ import numpy as np
 from control_node import protocol as P
 from control_node import realtime
 from control_node.config import BridgeConfig
-from sim_bridge.client import Action, NodeUnavailable, RobotClient, Stopped
+from sim_bridge.client import SAMPLES, Action, NodeUnavailable, RobotClient, Stopped
 from sim_bridge.envs import EnvError, env_spec, make_env
 from sim_bridge.pixels import make_pixel_env
 
@@ -102,6 +103,10 @@ class Bridge:
         self._ep_return = 0.0
         self.safe_steps = 0  # steps that applied the safe action (watchdog or node's safe flag)
         self.misses = 0
+        self.send_lateness: deque[int] = deque(maxlen=SAMPLES)
+        """Realtime: how long after its scheduled time each step's observation was sent (the
+        wake-up's lateness, the step, the send): the jitter of its arrivals at the node, which
+        the node's phase lock keeps its ticks after."""
         self.steps = 0
         self.realtime: dict[str, Any] | None = None  # the real-time settings in effect, once run
 
@@ -194,6 +199,7 @@ class Bridge:
                 break
             # the newest action, or the safe one once the watchdog has run out (or no node)
             ended = self._apply(client.command())
+            self.send_lateness.append(P.now_ns() - next_t)
             if ended and not self._episodes_done():
                 self._reset()
             next_t += period
@@ -236,6 +242,7 @@ class Bridge:
             "errors": client.errors,
             "action_delivery_us": _percentiles_us(client.delivery),
             "round_trip_us": _percentiles_us(client.round_trip),
+            "send_lateness_us": _percentiles_us(self.send_lateness),
             "realtime": self.realtime,
         }
 

@@ -124,9 +124,19 @@ class PhaseLock:
         self._new = 0  # observations of a new lead before it moves the deadline all the way
         self._per_step: dict[float, int] = {}
 
-    def correction(self, ready: list[BridgeState], t_tick: int) -> int:
-        """The move (ns) of the next deadline after the tick at ``t_tick`` answers ``ready``
-        (their ``pending_recv_ns`` are the arrivals); elects the lead."""
+    def correction(self, ready: list[BridgeState], t_tick: int, deadline: int) -> int:
+        """The move (ns) of the next deadline after the tick at ``t_tick``, due at
+        ``deadline``, answers ``ready`` (their ``pending_recv_ns`` are the arrivals); elects
+        the lead.
+
+        Each lag is counted from the deadline, not from when the tick woke: where the tick
+        runs is the deadline's doing, and the wake-up's lateness is the scheduler's. Counted
+        from the wake-up, a long tail of late wake-ups (a third of the ticks up to 1.5 ms late,
+        on a noisy VM) read as ticks placed too late; the lock crept earlier until even they
+        ran within the margin, and the median tick then ran half the margin after its arrival
+        (``tests/test_phase_lock.py``). An observation that arrived after the deadline, caught
+        only because the tick woke late, has a negative lag: one period less, by its phase,
+        it is the late one it is."""
         lead = self.lead
         if lead is not None and (
             lead.gone or lead.stale or t_tick - lead.last_seen_ns > lead.silent_ns
@@ -144,8 +154,8 @@ class PhaseLock:
             return 0
         assert lead is not None
         if self._periods > 1:
-            return self._median(t_tick - lead.pending_recv_ns)
-        lag = max(t_tick - b.pending_recv_ns for b in ready if b.rate_hz == lead.rate_hz)
+            return self._median(deadline - lead.pending_recv_ns)
+        lag = max(deadline - b.pending_recv_ns for b in ready if b.rate_hz == lead.rate_hz)
         return self._every(lag)
 
     def _steps(self, bridge_hz: float) -> int:
@@ -166,8 +176,9 @@ class PhaseLock:
         return period - lag + margin if lag > period // 2 else margin - lag
 
     def _every(self, lag: int) -> int:
-        """A lead at the node's rate; ``lag``: how long before this tick the oldest answered
-        observation at its rate arrived.
+        """A lead at the node's rate; ``lag``: how long before this tick's deadline the oldest
+        answered observation at its rate arrived (by its phase: a lag of more than a period,
+        or a negative one, counts modulo the period).
 
         More than half a period means it arrived just after the previous tick, which it missed:
         jump later, past that arrival plus the margin. Otherwise creep earlier, a little per
@@ -175,10 +186,11 @@ class PhaseLock:
         the arrival on almost every period even when arrivals jitter by more than the margin,
         and keeps the observation as young as that jitter allows.
         """
-        first = self._first(lag % self.period_ns)
+        period, margin = self.period_ns, self.margin_ns
+        lag %= period
+        first = self._first(lag)
         if first is not None:
             return first
-        period, margin = self.period_ns, self.margin_ns
         if lag > period // 2:
             return min(period - lag + margin, period // 4)
         if lag <= margin:
@@ -186,8 +198,8 @@ class PhaseLock:
         return -min((lag - margin) // 10, max(period // 2000, 500))
 
     def _median(self, lag: int) -> int:
-        """A lead slower than the node; ``lag``: how long before this tick its observation
-        arrived.
+        """A lead slower than the node; ``lag``: how long before this tick's deadline its
+        observation arrived.
 
         More than half a period means it arrived just after the previous tick. Once may be a
         hiccup of the bridge's (its next step keeps its own schedule): wait. Twice in a row

@@ -184,7 +184,7 @@ class ControlNode:
             self.tick_late.add(t_tick - next_tick)
             if self._last_tick_ns:
                 self.tick_period.add(t_tick - self._last_tick_ns)
-            correction = self._tick(t_tick)
+            correction = self._tick(t_tick, next_tick)
             next_tick += period + correction
             now = P.now_ns()
             if now > next_tick:  # this tick overran one or more deadlines: skip them
@@ -223,9 +223,10 @@ class ControlNode:
             if not more or clock.stopped or now() >= until:
                 return
 
-    def _tick(self, t_tick: int) -> int:
+    def _tick(self, t_tick: int, deadline: int) -> int:
         """Answer the newest observation of every live realtime bridge; watch for silence.
-        Returns the phase correction (ns) for the next deadline."""
+        Returns the phase correction (ns) for the next deadline (this tick's was
+        ``deadline``; it woke at ``t_tick``)."""
         self.ticks += 1
         ready = self.sessions.ready(t_tick)
         correction = 0
@@ -241,7 +242,7 @@ class ControlNode:
             self.server.answer(ready, msgs, recv_ns)
             for b in ready:
                 b.pending = None
-            correction = self.phase.correction(ready, t_tick)
+            correction = self.phase.correction(ready, t_tick, deadline)
             self.tick_work.add(P.now_ns() - t_tick)
         self._last_tick_ns = t_tick
         return correction
