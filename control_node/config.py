@@ -393,7 +393,8 @@ class LaunchConfig:
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     """Retrain from the log and deploy while the loop runs (off by default)."""
     duration_s: float = 0.0
-    """Stop after this many seconds (0: until Ctrl-C); --duration overrides it."""
+    """Stop after this many seconds of the loop, counted from when every bridge is live (0:
+    until Ctrl-C); --duration overrides it."""
     ready_timeout_s: float = 30.0
     """How long to wait for the node and the bridges to come up."""
 

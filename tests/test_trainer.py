@@ -122,6 +122,29 @@ def test_resume_continues_from_checkpoint(tiny_overrides: dict[str, Any]) -> Non
     assert "steps: 700" in (run / "config.yaml").read_text()
 
 
+def test_a_run_stops_at_the_first_evaluation_that_reaches_stop_at_return(
+    tiny_overrides: dict[str, Any],
+) -> None:
+    run = Path(tiny_overrides["out"])
+    # tiny_overrides evaluates every 300 of 600 steps; Pendulum's returns are all above -1e9
+    cfg = make_config("td3", **{**tiny_overrides, "stop_at_return": -1e9})
+    summary = train(cfg, progress=False)
+    assert summary["stopped_at_return"] and summary["steps"] == 300, summary
+    assert summary["updates"] == 300 - 200 + 1  # past learning_starts (200), then it stopped
+    assert [r["step"] for r in read_csv(run / "eval.csv")] == [300]  # that one, not another
+    assert json.loads((run / "eval.json").read_text())["steps"] == _ckpt(run)["step"] == 300
+    assert resume_config(run).stop_at_return == -1e9  # saved, and read back as a number
+    # from below: a threshold no evaluation reaches trains every step
+    unreached = {**tiny_overrides, "stop_at_return": 1e9, "out": str(run.parent / "all")}
+    summary = train(make_config("td3", **unreached), progress=False)
+    assert not summary["stopped_at_return"] and summary["steps"] == 600, summary
+
+
+def test_stop_at_return_without_evaluations_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"stop_at_return = -200.0 needs periodic evaluations"):
+        make_config("td3", env="Pendulum-v1", stop_at_return=-200, eval_every=0)
+
+
 def _ddpg(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "control_node", *args],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,10 @@ class TrainConfig:
     """Evaluate the deterministic policy every N steps; 0 turns periodic evaluation off."""
     eval_episodes: int = 10
     """Episodes per evaluation, on a separate environment with fixed seeds; 0 skips the final evaluation too."""
+    stop_at_return: float = float("inf")
+    """Stop early once a periodic evaluation's mean return reaches this (SB3's
+    StopTrainingOnRewardThreshold); the run then ends as at its last step: final checkpoint,
+    eval.json (its steps say where it stopped) and export. inf trains every step."""
     checkpoint_every: int = 50_000
     """Write a checkpoint every N steps (and always at the end); 0 means only at the end."""
     save_replay: bool = False
@@ -214,6 +219,12 @@ class TrainConfig:
             ("learning_starts", self.learning_starts >= 0, "must be >= 0"),
             ("eval_every", self.eval_every >= 0, "must be >= 0"),
             ("eval_episodes", self.eval_episodes >= 0, "must be >= 0"),
+            (
+                "stop_at_return",
+                self.stop_at_return == float("inf") or (self.eval_every and self.eval_episodes),
+                "needs periodic evaluations (eval_every and eval_episodes > 0)",
+            ),
+            ("stop_at_return", not math.isnan(self.stop_at_return), "must be a number"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
             ("log_every", self.log_every > 0, "must be positive"),
             (

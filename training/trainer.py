@@ -69,6 +69,7 @@ class Trainer:
         self.wall_s = 0.0  # training wall time over all sessions of this run
         self.last_eval: EvalResult | None = None
         self.stop_requested = False  # set from a signal handler; the loop ends after its step
+        self.stopped_at_return = False  # an evaluation reached cfg.stop_at_return
         self._evaluated_at = -1
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -205,13 +206,21 @@ class Trainer:
                     self.metrics.log("train", self.step, values)
                     t_log, step_log = now, self.step
                 if _passed(before, self.step, cfg.eval_every) and cfg.eval_episodes:
-                    self.evaluate()
+                    self.stopped_at_return = self.evaluate().mean >= cfg.stop_at_return
                 if _passed(before, self.step, cfg.checkpoint_every):
                     self.save_checkpoint()
                 if bar is not None:
                     bar.update(keep)
                     if _passed(before, self.step, 250) and self.last_eval is not None:
                         bar.set_postfix(eval=f"{self.last_eval.mean:.1f}", refresh=False)
+                if self.stopped_at_return:
+                    assert self.last_eval is not None
+                    self._log(
+                        f"ddpg train: evaluation at step {self.step:,} returned "
+                        f"{self.last_eval.mean:.1f} >= stop_at_return {cfg.stop_at_return:g}; "
+                        "stopping"
+                    )
+                    break
         finally:
             if bar is not None:
                 bar.close()
@@ -233,6 +242,7 @@ class Trainer:
             "env_steps": self.env_steps,
             "pixels": self.pixel_spec.to_dict() if self.pixel_spec else None,
             "updates": agent.updates,
+            "stopped_at_return": self.stopped_at_return,
             "replay_bytes": self.replay_bytes,
             "episodes": cfg.eval_episodes,
             "eval_seed": rundir.eval_seed(cfg),
