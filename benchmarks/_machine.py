@@ -1,8 +1,10 @@
-"""What machine a benchmark ran on, for its JSON: every script records the same fields."""
+"""What machine a benchmark ran on, and how its JSON is written: every script records the same
+machine fields, under ``machine``, next to any of its own."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_result(out: Path, result: dict[str, Any]) -> None:
-    """``result`` and the CPU it ran on as indented JSON at ``out`` (its folder made); says
-    where."""
+def machine(**extra: Any) -> dict[str, Any]:
+    """The fields every benchmark records about the machine, then the script's own
+    (``extra``: load averages, library versions, ...)."""
+    return {
+        "cpu_model": cpu_model(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **extra,
+    }
+
+
+def write_result(out: Path, result: dict[str, Any], indent: int = 2, **extra: Any) -> None:
+    """``result`` as indented JSON at ``out`` (its folder made), with ``machine(**extra)``
+    under ``machine``; says where."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**result, "machine": cpu_model()}, indent=2) + "\n")
+    out.write_text(json.dumps({**result, "machine": machine(**extra)}, indent=indent) + "\n")
     print(f"wrote {out}")

@@ -60,7 +60,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import select
 import shlex
 import sys
@@ -83,7 +82,7 @@ from benchmarks._harness import (
     tail,
     with_children,
 )
-from benchmarks._machine import cpu_model
+from benchmarks._machine import cpu_model, write_result
 from control_node import protocol as P
 from control_node import realtime
 from control_node.admin import request
@@ -989,23 +988,19 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(time.monotonic() - t0, 1),
         "metrics": metrics,
         "targets": tgt,
-        "machine": {
-            "cpu_model": cpu_model(),
-            "cpus": os.cpu_count(),
-            "loadavg_before": load_before,
-            "loadavg_after": load_after,
-            "loadavg_per_scenario": results["loadavg_per_scenario"],
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "pyzmq": zmq.__version__,
-            "libzmq": zmq.zmq_version(),
-            "onnxruntime": onnxruntime.__version__,
-            "torch": torch.__version__,
-        },
         "runs": results["raw"],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(
+        args.out,
+        result,
+        loadavg_before=load_before,
+        loadavg_after=load_after,
+        loadavg_per_scenario=results["loadavg_per_scenario"],
+        pyzmq=zmq.__version__,
+        libzmq=zmq.zmq_version(),
+        onnxruntime=onnxruntime.__version__,
+        torch=torch.__version__,
+    )
     print(table(metrics, tgt, args))
     print(
         f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on "

@@ -49,9 +49,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -64,7 +62,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._harness import Children, serve, with_children
-from benchmarks._machine import cpu_model
+from benchmarks._machine import cpu_model, write_result
 from control_node.admin import AdminError, request
 from control_node.config import BridgeConfig, NodeConfig
 from control_node.translog.schema import LogSpec, Transition
@@ -719,22 +717,18 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "elapsed_s": round(time.monotonic() - t0, 1),
         "metrics": metrics,
-        "machine": {
-            "cpu_model": cpu_model(),
-            "cpus": os.cpu_count(),
-            "loadavg_before": load_before,
-            "loadavg_after": load_after,
-            "loadavg_per_run": results["loadavg_per_run"],
-            "log_filesystem": fs,
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "pyarrow": pyarrow.__version__,
-            "onnxruntime": onnxruntime.__version__,
-        },
         "runs": results["raw"],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(
+        args.out,
+        result,
+        loadavg_before=load_before,
+        loadavg_after=load_after,
+        loadavg_per_run=results["loadavg_per_run"],
+        log_filesystem=fs,
+        pyarrow=pyarrow.__version__,
+        onnxruntime=onnxruntime.__version__,
+    )
     print(table(metrics, args))
     print(
         f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on "

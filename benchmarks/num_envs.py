@@ -24,9 +24,6 @@ environment steps over all environments.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -38,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._machine import cpu_model
+from benchmarks._machine import write_result
 from benchmarks._timed_trainer import trainer_rates
 from sim_bridge.envs import make_env
 
@@ -128,12 +125,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": args.repeats,
         "floor_plain_env_steps_per_s": round(floor, 1),
         "rows": rows,
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
     }
     print(
         f"{args.env}, {args.preset}: steps/s against the number of environments "
@@ -151,9 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{r['train_vs_n1']:>6.2f} {r['train_steps_per_cpu_s']:>9,.1f} "
             f"{r['train_cpu_vs_n1']:>6.2f}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result, torch=torch.__version__)
     return result
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -58,7 +57,7 @@ from sim_bridge.pixels import render_rate  # noqa: I001
 import numpy as np
 import torch
 
-from benchmarks._machine import cpu_model
+from benchmarks._machine import cpu_model, write_result
 from benchmarks.learning import run_one
 from models.spec import PixelSpec
 from models.pixel_networks import random_shift
@@ -397,7 +396,7 @@ def print_tables(result: dict[str, Any]) -> None:
         print(f"\n{learn['note']}")
     print(
         f"load average 1 min before/after: {result['loadavg_1min_before']}/"
-        f"{result['loadavg_1min_after']}; {result['cpu']}; wall {result['wall_s']:.1f} s"
+        f"{result['loadavg_1min_after']}; {cpu_model()}; wall {result['wall_s']:.1f} s"
     )
 
 
@@ -495,17 +494,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s": round(wall, 2),
         "loadavg_1min_before": load_before,
         "loadavg_1min_after": loadavg_1min(),
-        "torch": torch.__version__,
         "threads": args.threads,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
         "command": shlex.join([sys.executable, *sys.argv]),
     }
     print_tables(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result, torch=torch.__version__)
     return result
 
 

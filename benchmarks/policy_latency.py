@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._machine import write_result
 from models.export import export_actor
 from models.networks import Actor
 from models.policy import OnnxPolicy, session_options
@@ -243,19 +242,16 @@ def main() -> int:
         "throughput": thr,
         "speedup_p50_tuned_vs_torch": speedup,
         "targets": targets,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "loadavg_before": load_before,
-            "loadavg_after": load_after,
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "onnxruntime": ort.__version__,
-            "torch": torch.__version__,
-            "torch_default_threads": torch_threads,
-        },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(
+        args.out,
+        result,
+        loadavg_before=load_before,
+        loadavg_after=load_after,
+        onnxruntime=ort.__version__,
+        torch=torch.__version__,
+        torch_default_threads=torch_threads,
+    )
     print(table(lat, thr))
     print(
         f"tuned vs torch eager at p50: {speedup:.1f}x; targets "

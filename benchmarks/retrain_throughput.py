@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import training.retrain as rt
-from benchmarks._machine import cpu_model
+from benchmarks._machine import write_result
 from control_node.translog.schema import LogSpec, Transition
 from control_node.translog.writer import TransitionLog
 from training.logged_data import load_transitions
@@ -206,15 +205,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for k, v in load.items()
         },
         "results": rows,
-        "torch": torch.__version__,
         "threads": args.threads,
-        "cpu": cpu_model(),
-        "cpu_count": torch.multiprocessing.cpu_count(),
-        "python": platform.python_version(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result, torch=torch.__version__)
     return result
 
 

@@ -20,8 +20,6 @@ count), then like for like at each ``--threads`` count.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 from collections.abc import Callable
@@ -34,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._machine import cpu_model
+from benchmarks._machine import write_result
 from benchmarks._timed_trainer import Clock, trainer_rates
 from training.config import make_config
 
@@ -190,22 +188,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "updates_per_step": 1,
-        "torch": torch.__version__,
-        "torch_default_threads": TORCH_DEFAULT_THREADS,
-        "cpu": cpu_model(),
-        "cpu_count": torch.multiprocessing.cpu_count(),
-        "python": platform.python_version(),
         "results": rows,
     }
     try:
         import stable_baselines3
 
-        result["stable_baselines3"] = stable_baselines3.__version__
+        sb3_version: str | None = stable_baselines3.__version__
     except ImportError:
-        pass
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        sb3_version = None
+    write_result(
+        args.out,
+        result,
+        torch=torch.__version__,
+        torch_default_threads=TORCH_DEFAULT_THREADS,
+        stable_baselines3=sb3_version,
+    )
     return result
 
 
